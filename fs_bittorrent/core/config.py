@@ -1,0 +1,54 @@
+"""Tunables of one peer's swarm session, validated up front.
+
+All times are in seconds of whatever clock the host passes as ``now``
+(virtual in the simulator, monotonic wall time in distributed runs).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from ..errors import ConfigError
+
+KiB = 1024
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SwarmConfig:
+    piece_size: int = 256 * KiB
+    block_size: int = 16 * KiB          # size of one request/piece block
+    max_block_size: int = 128 * KiB     # larger requests or blocks are refused
+    credit_bytes: int = 4 * MiB         # bytes of requested blocks we accept in flight
+    max_requests_per_peer: int = 64     # pipeline cap per peer, on top of credit
+    max_upload_slots: int = 0           # peers unchoked at once; 0 = every interested peer
+    unchoke_interval: float = 10.0      # rotation period when slots are capped
+    request_timeout: float = 10.0       # a block not answered by then is re-requested elsewhere
+    max_retries: int = 5                # per block; after that the block waits for new peers
+    end_game_threshold: int = 0         # enter end game also when <= this many blocks are unrequested
+    keepalive_interval: float = 30.0    # send a keep-alive after this much silence
+    peer_timeout: float = 120.0         # drop a peer silent for this long
+    handshake_retry: float = 5.0        # resend an unanswered handshake after this long
+    interest_retry: float = 5.0         # re-assert interest when choked this long
+    max_corrupt_pieces: int = 3         # a peer that served this many bad pieces is banned
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f.name, v, "must be a number")
+        positive = ("piece_size", "block_size", "max_block_size", "credit_bytes",
+                    "max_requests_per_peer", "request_timeout", "keepalive_interval",
+                    "peer_timeout", "handshake_retry", "interest_retry", "max_corrupt_pieces")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, getattr(self, name), "must be > 0")
+        for name in ("max_upload_slots", "max_retries", "end_game_threshold", "unchoke_interval"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, getattr(self, name), "must be >= 0")
+        if self.block_size > self.max_block_size:
+            raise ConfigError("block_size", self.block_size,
+                              f"exceeds max_block_size={self.max_block_size}")
+        if self.credit_bytes < self.block_size:
+            raise ConfigError("credit_bytes", self.credit_bytes,
+                              f"must allow at least one block of {self.block_size} bytes")

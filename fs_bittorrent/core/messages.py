@@ -1,0 +1,155 @@
+"""Peer wire messages as plain dataclasses.
+
+The nine BitTorrent messages (BEP 3), plus the handshake, keep-alive and one
+extension, ``Credit``, by which a receiver tells a sender how many bytes of
+requested blocks it is willing to have outstanding at once.  Encoding and
+decoding live in :mod:`fs_bittorrent.core.codec`; this module only defines
+shapes so that the session and the codec agree on one vocabulary.
+
+Piece indices are *swarm-global*: the round's manifests, ordered by owner id,
+are laid end to end (see :class:`fs_bittorrent.core.layout.SwarmLayout`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Union
+
+PROTOCOL_NAME = b"FSBitTorrent/1"
+SWARM_ID_LEN = 20
+AUTH_LEN = 32
+
+# BEP 3 ids; CREDIT is our extension (BEP 10 reserves 20 for extensions).
+CHOKE, UNCHOKE, INTERESTED, NOT_INTERESTED, HAVE, BITFIELD, REQUEST, PIECE, CANCEL = range(9)
+CREDIT = 20
+
+
+@dataclass(frozen=True)
+class Handshake:
+    """First message of every connection.
+
+    ``swarm_id`` binds the connection to one experiment, round and set of
+    manifests; ``auth`` is an HMAC over it made with the experiment secret;
+    ``credit`` is the number of bytes of requested blocks the sender of this
+    handshake accepts in flight towards itself.
+    """
+
+    swarm_id: bytes
+    peer_id: int
+    credit: int
+    auth: bytes = b"\x00" * AUTH_LEN
+    protocol: bytes = PROTOCOL_NAME
+    msg_id: ClassVar[int] = -1
+
+
+@dataclass(frozen=True)
+class KeepAlive:
+    msg_id: ClassVar[int] = -2
+
+
+@dataclass(frozen=True)
+class Choke:
+    msg_id: ClassVar[int] = CHOKE
+
+
+@dataclass(frozen=True)
+class Unchoke:
+    msg_id: ClassVar[int] = UNCHOKE
+
+
+@dataclass(frozen=True)
+class Interested:
+    msg_id: ClassVar[int] = INTERESTED
+
+
+@dataclass(frozen=True)
+class NotInterested:
+    msg_id: ClassVar[int] = NOT_INTERESTED
+
+
+@dataclass(frozen=True)
+class Have:
+    index: int
+    msg_id: ClassVar[int] = HAVE
+
+
+@dataclass(frozen=True)
+class Bitfield:
+    """Which pieces the sender holds, one bit per piece, high bit first."""
+
+    bits: bytes
+    msg_id: ClassVar[int] = BITFIELD
+
+
+@dataclass(frozen=True)
+class Request:
+    index: int
+    begin: int
+    length: int
+    msg_id: ClassVar[int] = REQUEST
+
+
+@dataclass(frozen=True, eq=False)
+class Piece:
+    """One block of a piece.  ``block`` may be a memoryview (zero copy)."""
+
+    index: int
+    begin: int
+    block: Union[bytes, bytearray, memoryview]
+    msg_id: ClassVar[int] = PIECE
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Piece):
+            return NotImplemented
+        return (self.index, self.begin, bytes(self.block)) == (
+            other.index, other.begin, bytes(other.block))
+
+    def __hash__(self) -> int:
+        return hash((self.index, self.begin, len(self.block)))
+
+    def __repr__(self) -> str:
+        return f"Piece(index={self.index}, begin={self.begin}, len={len(self.block)})"
+
+
+@dataclass(frozen=True)
+class Cancel:
+    index: int
+    begin: int
+    length: int
+    msg_id: ClassVar[int] = CANCEL
+
+
+@dataclass(frozen=True)
+class Credit:
+    """Receiver-advertised credit: bytes of requested blocks it accepts in flight."""
+
+    credit: int
+    msg_id: ClassVar[int] = CREDIT
+
+
+Message = Union[Handshake, KeepAlive, Choke, Unchoke, Interested, NotInterested,
+                Have, Bitfield, Request, Piece, Cancel, Credit]
+
+MESSAGE_TYPES: dict[int, type] = {
+    cls.msg_id: cls for cls in (Choke, Unchoke, Interested, NotInterested, Have,
+                                Bitfield, Request, Piece, Cancel, Credit)
+}
+
+
+def message_size(msg: Message) -> int:
+    """Bytes this message takes on the wire (length prefix included).
+
+    The simulator charges bandwidth with this, without encoding anything.
+    """
+    if isinstance(msg, Piece):
+        return 4 + 1 + 8 + len(msg.block)
+    if isinstance(msg, (Request, Cancel)):
+        return 4 + 1 + 12
+    if isinstance(msg, (Have, Credit)):
+        return 4 + 1 + 4
+    if isinstance(msg, Bitfield):
+        return 4 + 1 + len(msg.bits)
+    if isinstance(msg, KeepAlive):
+        return 4
+    if isinstance(msg, Handshake):
+        return 1 + len(msg.protocol) + 8 + SWARM_ID_LEN + 4 + 4 + AUTH_LEN
+    return 4 + 1
