@@ -20,11 +20,14 @@ class SwarmConfig:
     max_block_size: int = 128 * KiB     # larger requests or blocks are refused
     credit_bytes: int = 4 * MiB         # bytes of requested blocks we accept in flight
     max_requests_per_peer: int = 64     # pipeline cap per peer, on top of credit
+    min_requests_per_peer: int = 4      # pipeline floor per peer (before a rate is known)
+    request_queue_time: float = 0.1     # pipeline depth = measured rate x this / block_size
     max_upload_slots: int = 0           # peers unchoked at once; 0 = every interested peer
     unchoke_interval: float = 10.0      # rotation period when slots are capped
     request_timeout: float = 10.0       # a block not answered by then is re-requested elsewhere
-    max_retries: int = 5                # per block; after that the block waits for new peers
+    max_retries: int = 5                # timeout rounds in a row before a peer is dropped as dead
     end_game_threshold: int = 0         # enter end game also when <= this many blocks are unrequested
+    end_game_delay: float = 0.5         # duplicate only blocks outstanding at least this long
     keepalive_interval: float = 30.0    # send a keep-alive after this much silence
     peer_timeout: float = 120.0         # drop a peer silent for this long
     handshake_retry: float = 5.0        # resend an unanswered handshake after this long
@@ -38,17 +41,22 @@ class SwarmConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ConfigError(f.name, v, "must be a number")
         positive = ("piece_size", "block_size", "max_block_size", "credit_bytes",
-                    "max_requests_per_peer", "request_timeout", "keepalive_interval",
+                    "max_requests_per_peer", "min_requests_per_peer",
+                    "request_queue_time", "request_timeout", "keepalive_interval",
                     "peer_timeout", "handshake_retry", "interest_retry", "max_corrupt_pieces")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(name, getattr(self, name), "must be > 0")
-        for name in ("max_upload_slots", "max_retries", "end_game_threshold", "unchoke_interval"):
+        for name in ("max_upload_slots", "max_retries", "end_game_threshold", "end_game_delay",
+                     "unchoke_interval"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, getattr(self, name), "must be >= 0")
         if self.block_size > self.max_block_size:
             raise ConfigError("block_size", self.block_size,
                               f"exceeds max_block_size={self.max_block_size}")
+        if self.min_requests_per_peer > self.max_requests_per_peer:
+            raise ConfigError("min_requests_per_peer", self.min_requests_per_peer,
+                              f"exceeds max_requests_per_peer={self.max_requests_per_peer}")
         if self.credit_bytes < self.block_size:
             raise ConfigError("credit_bytes", self.credit_bytes,
                               f"must allow at least one block of {self.block_size} bytes")

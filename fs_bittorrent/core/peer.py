@@ -1,0 +1,174 @@
+"""Everything one session knows about one remote peer.
+
+Two ledgers per peer, kept in step by the protocol itself (no acks needed):
+
+* receive side (``inflight``/``credit_by_piece``): blocks we asked this peer
+  for.  A block counts against the credit we advertised to it from request
+  until its piece is verified (``have``) or we ``cancel`` it, because until
+  then its bytes occupy our memory.
+* send side (``served``/``served_by_piece``): blocks this peer asked us for,
+  cleared by its ``have`` for the piece or its ``cancel``; a request that
+  would push this past the credit the peer advertised is refused, so we
+  never send past it.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Optional
+
+BlockKey = tuple[int, int]
+
+
+@dataclass
+class PeerCounters:
+    """Per-peer event counters (exposed for tests, metrics and bans)."""
+
+    blocks_in: int = 0
+    blocks_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    corrupt_pieces: int = 0
+    duplicate_blocks: int = 0
+    unrequested_blocks: int = 0
+    timeouts: int = 0
+    credit_violations: int = 0
+    requests_refused: int = 0
+
+
+@dataclass
+class PeerState:
+    peer_id: int
+    num_pieces: int
+    connected_at: float = 0.0
+    # handshake
+    handshake_sent_at: Optional[float] = None
+    handshaken: bool = False
+    # BEP 3 flags
+    am_choking: bool = True
+    am_interested: bool = False
+    peer_choking: bool = True
+    peer_interested: bool = False
+    # what they hold
+    has: bytearray = field(init=False)
+    has_count: int = 0
+    # flow control
+    their_credit: int = 0            # what they told us they accept in flight
+    inflight: "OrderedDict[BlockKey, float]" = field(default_factory=OrderedDict)  # our requests, sent_at
+    inflight_bytes: int = 0
+    credit_by_piece: dict[int, int] = field(default_factory=dict)  # piece -> bytes counted
+    credit_used: int = 0
+    served: "OrderedDict[BlockKey, tuple[float, int]]" = field(default_factory=OrderedDict)
+    served_by_piece: dict[int, set[int]] = field(default_factory=dict)
+    served_bytes: int = 0
+    # liveness
+    last_recv: float = 0.0
+    last_sent: float = 0.0
+    interest_sent_at: float = 0.0
+    unchoked_at: float = 0.0
+    interested_since: float = 0.0
+    # download rate from this peer (EWMA), which sizes the request pipeline
+    timeout_streak: int = 0          # ticks in a row with timeouts and no block received
+    rate_in: float = 0.0
+    rate_bytes: int = 0
+    rate_since: float = 0.0
+    counters: PeerCounters = field(default_factory=PeerCounters)
+
+    def __post_init__(self) -> None:
+        self.has = bytearray(self.num_pieces)
+
+    def set_has(self, index: int) -> bool:
+        """Mark a piece held; True if it was news."""
+        if self.has[index]:
+            return False
+        self.has[index] = 1
+        self.has_count += 1
+        return True
+
+    def held(self) -> list[int]:
+        return [i for i in range(self.num_pieces) if self.has[i]]
+
+    def note_received(self, nbytes: int, now: float, window: float = 0.1) -> None:
+        """Fold received bytes into the rate estimate every ``window`` seconds."""
+        self.rate_bytes += nbytes
+        dt = now - self.rate_since
+        if dt >= window:
+            sample = self.rate_bytes / dt
+            self.rate_in = sample if self.rate_in == 0.0 else 0.5 * self.rate_in + 0.5 * sample
+            self.rate_bytes = 0
+            self.rate_since = now
+
+    def pipeline_depth(self, block_size: int, queue_time: float, lo: int, hi: int) -> int:
+        """Requests to keep in flight: enough to cover ``queue_time`` at the
+        measured rate (libtorrent's rule), within [lo, hi]."""
+        want = int(self.rate_in * queue_time / block_size) + 1
+        return max(lo, min(hi, want))
+
+    # ---- receive-side ledger ----------------------------------------------
+    def add_request(self, index: int, begin: int, length: int, now: float) -> None:
+        self.inflight[(index, begin)] = now
+        self.inflight_bytes += length
+        self.credit_by_piece[index] = self.credit_by_piece.get(index, 0) + length
+        self.credit_used += length
+
+    def request_done(self, index: int, begin: int, length: int) -> bool:
+        """The block arrived: no longer in flight (still holds credit)."""
+        if self.inflight.pop((index, begin), None) is None:
+            return False
+        self.inflight_bytes -= length
+        return True
+
+    def request_cancelled(self, index: int, begin: int, length: int) -> bool:
+        """Timed out or cancelled: release both flight and credit."""
+        if not self.request_done(index, begin, length):
+            return False
+        self._release_credit(index, length)
+        return True
+
+    def piece_settled(self, index: int) -> None:
+        """Piece verified or discarded: its bytes no longer hold our credit."""
+        used = self.credit_by_piece.pop(index, 0)
+        self.credit_used -= used
+
+    def _release_credit(self, index: int, length: int) -> None:
+        left = self.credit_by_piece.get(index, 0) - length
+        if left > 0:
+            self.credit_by_piece[index] = left
+        else:
+            self.credit_by_piece.pop(index, None)
+        self.credit_used -= length
+
+    # ---- send-side ledger --------------------------------------------------
+    def add_served(self, index: int, begin: int, length: int, now: float) -> bool:
+        key = (index, begin)
+        if key in self.served:
+            return False  # idempotent: a repeated request is not counted twice
+        self.served[key] = (now, length)
+        self.served_by_piece.setdefault(index, set()).add(begin)
+        self.served_bytes += length
+        return True
+
+    def clear_served(self, index: int, begin: int) -> None:
+        rec = self.served.pop((index, begin), None)
+        if rec is None:
+            return
+        self.served_bytes -= rec[1]
+        begins = self.served_by_piece.get(index)
+        if begins is not None:
+            begins.discard(begin)
+            if not begins:
+                del self.served_by_piece[index]
+
+    def clear_served_piece(self, index: int) -> None:
+        for begin in list(self.served_by_piece.get(index, ())):
+            self.clear_served(index, begin)
+
+    def expire_served(self, older_than: float) -> int:
+        n = 0
+        while self.served:
+            key, (t, _) = next(iter(self.served.items()))
+            if t >= older_than:
+                break
+            self.clear_served(*key)
+            n += 1
+        return n

@@ -1,0 +1,616 @@
+"""``SwarmSession``: one peer's view of one round's exchange (sans-IO).
+
+The host feeds it events -- ``connect``, ``handle(peer, message, now)``,
+``peer_lost``, ``tick(now)``, ``deadline(now)`` -- and sends whatever
+``(peer, message)`` pairs they return.  The session owns the protocol state
+per peer, the piece picker and every per-transfer record; it keeps verified
+pieces in the ``PieceStorage`` it was given and nowhere else.
+
+No sockets, threads, sleeps or clocks inside: the same object runs under the
+deterministic simulator, the FederatedScope standalone runner and the
+distributed data plane.
+
+Error contract: a message that breaks the protocol raises a
+:class:`~fs_bittorrent.errors.ProtocolError` *before* any state changes, so
+the host can log it, drop the connection (``peer_lost``) and carry on.  Bad
+behaviour that is not malformed (unrequested blocks, wrong hashes, requests
+past credit) is refused, counted per peer and, past a threshold, answered by
+a ban (a ``Close`` action).
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Union
+
+from ..errors import (BadBlockRange, BlockTooLarge, ConfigError, HandshakeRefused,
+                      HandshakeRequired, PieceIndexOutOfRange, ProtocolError)
+from .bitfield import decode_bits, encode_bits
+from .config import SwarmConfig
+from .layout import SwarmLayout, make_auth
+from .messages import (PROTOCOL_NAME, Bitfield, Cancel, Choke, Credit, Handshake, Have,
+                       Interested, KeepAlive, Message, NotInterested, Piece, Request,
+                       Unchoke)
+from .peer import PeerState
+from .picker import PiecePicker
+from .storage import PieceStorage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Close:
+    """Not a wire message: tells the host to close the connection to a peer."""
+
+    reason: str
+
+
+Action = Union[Message, Close]
+Outgoing = tuple[int, Action]
+
+
+@dataclass
+class SessionStats:
+    pieces_received: int = 0
+    bytes_down: int = 0          # block payload received (incl. wasted)
+    bytes_up: int = 0            # block payload sent
+    corrupt_pieces: int = 0
+    duplicate_blocks: int = 0
+    unrequested_blocks: int = 0
+    timeouts: int = 0
+    retries: int = 0
+    cancels_sent: int = 0
+    credit_violations: int = 0
+    protocol_errors: int = 0
+    bans: int = 0
+    first_piece_at: Optional[float] = None
+    completed_at: Optional[float] = None
+
+
+class SwarmSession:
+    """One peer in one round's swarm.
+
+    ``storage`` must already hold the peer's own pieces (the host puts them
+    there when it builds the manifest); pieces held from an earlier run of
+    the same round (a restart) are picked up too.
+    """
+
+    def __init__(self, peer_id: int, layout: SwarmLayout, storage: PieceStorage,
+                 config: SwarmConfig = SwarmConfig(), secret: bytes = b"",
+                 now: float = 0.0) -> None:
+        self.peer_id = peer_id
+        self.layout = layout
+        self.storage = storage
+        self.config = config
+        self.secret = secret
+        max_piece = max(layout.piece_length(i) for i in range(layout.num_pieces)) \
+            if layout.num_pieces else 0
+        if config.credit_bytes < max_piece:
+            raise ConfigError("credit_bytes", config.credit_bytes,
+                              f"must hold a whole piece ({max_piece} bytes)")
+        if config.block_size > config.max_block_size:
+            raise ConfigError("block_size", config.block_size, "exceeds max_block_size")
+        n = layout.num_pieces
+        have = []
+        for i in range(n):
+            owner, local = layout.to_local(i)
+            have.append(storage.has(owner, local))
+        if peer_id in layout.owners:
+            missing_own = [i for i in layout.owner_range(peer_id) if not have[i]]
+            if missing_own:
+                raise ConfigError("storage", missing_own,
+                                  f"peer {peer_id} owns these pieces but storage lacks them")
+        self.picker = PiecePicker(layout, config.block_size, have,
+                                  seed=(config.seed * 1_000_003 + peer_id) & 0xFFFFFFFF,
+                                  end_game_threshold=config.end_game_threshold)
+        self.peers: dict[int, PeerState] = {}
+        self.stats = SessionStats()
+        self.started_at = now
+        self.closed = False
+        self.close_reason = ""
+        self.banned: set[int] = set()
+        self._cache: "OrderedDict[int, bytes]" = OrderedDict()
+        self._cache_size = 8
+        self._last_unchoke_rotation = now
+        if self.complete:
+            self.stats.completed_at = now
+
+    # ---- queries -------------------------------------------------------------
+    @property
+    def have(self) -> list[bool]:
+        return self.picker.have
+
+    @property
+    def pieces_have(self) -> int:
+        return sum(self.picker.have)
+
+    @property
+    def complete(self) -> bool:
+        return self.picker.pieces_missing == 0
+
+    def completion(self) -> float:
+        n = self.layout.num_pieces
+        return self.pieces_have / n if n else 1.0
+
+    def held_by_owner(self) -> dict[int, set[int]]:
+        """Local piece indices held, per owner (what aggregation can use)."""
+        out: dict[int, set[int]] = {o: set() for o in self.layout.owners}
+        for i, h in enumerate(self.picker.have):
+            if h:
+                owner, local = self.layout.to_local(i)
+                out[owner].add(local)
+        return out
+
+    def record_counts(self) -> dict[str, int]:
+        """Sizes of every per-transfer map; all drain to zero when a swarm is done."""
+        return {
+            "partials": len(self.picker.partials),
+            "outstanding_blocks": len(self.picker.outstanding),
+            "request_times": len(self.picker.requested_at),
+            "open_partials": len(self.picker.open_partials),
+            "inflight_requests": sum(len(p.inflight) for p in self.peers.values()),
+            "credit_pieces": sum(len(p.credit_by_piece) for p in self.peers.values()),
+            "served_blocks": sum(len(p.served) for p in self.peers.values()),
+            "avoid_lists": len(self.picker.avoid),
+        }
+
+    def progress(self, now: float) -> dict:
+        elapsed = max(now - self.started_at, 1e-9)
+        return {
+            "peer": self.peer_id,
+            "pieces": self.pieces_have,
+            "pieces_total": self.layout.num_pieces,
+            "completion": self.completion(),
+            "bytes_down": self.stats.bytes_down,
+            "bytes_up": self.stats.bytes_up,
+            "rate_down": self.stats.bytes_down / elapsed,
+            "rate_up": self.stats.bytes_up / elapsed,
+            "per_peer": {pid: {"bytes_in": p.counters.bytes_in, "bytes_out": p.counters.bytes_out,
+                               "rate_in": p.counters.bytes_in / elapsed,
+                               "rate_out": p.counters.bytes_out / elapsed}
+                         for pid, p in self.peers.items()},
+        }
+
+    # ---- connection life cycle ------------------------------------------------
+    def _handshake(self) -> Handshake:
+        auth = make_auth(self.secret, self.layout.swarm_id, self.peer_id) if self.secret \
+            else b"\x00" * 32
+        return Handshake(swarm_id=self.layout.swarm_id, peer_id=self.peer_id,
+                         credit=self.config.credit_bytes, auth=auth)
+
+    def _peer(self, peer: int, now: float) -> PeerState:
+        p = self.peers.get(peer)
+        if p is None:
+            p = PeerState(peer, self.layout.num_pieces, connected_at=now,
+                          last_recv=now, last_sent=now, rate_since=now)
+            self.peers[peer] = p
+        return p
+
+    def connect(self, peer: int, now: float) -> list[Outgoing]:
+        """Open a connection to ``peer``: send our handshake."""
+        if self.closed or peer == self.peer_id or peer in self.banned:
+            return []
+        p = self._peer(peer, now)
+        if p.handshake_sent_at is not None:
+            return []
+        p.handshake_sent_at = now
+        return [self._send(p, self._handshake(), now)]
+
+    def peer_lost(self, peer: int, now: float) -> None:
+        """The host lost the connection (or we closed it): release its records.
+
+        Received blocks of partial pieces stay, so those pieces resume from
+        their offset with other peers.
+        """
+        p = self.peers.pop(peer, None)
+        if p is None:
+            return
+        for (index, begin) in list(p.inflight):
+            self.picker.request_dropped(index, begin, peer)
+        p.inflight.clear()
+        if p.handshaken:
+            self.picker.peer_lost(i for i in range(self.layout.num_pieces) if p.has[i])
+
+    def _send(self, p: PeerState, msg: Action, now: float) -> Outgoing:
+        p.last_sent = now
+        return (p.peer_id, msg)
+
+    # ---- inbound ---------------------------------------------------------------
+    def handle(self, peer: int, msg: Message, now: float) -> list[Outgoing]:
+        """Process one message from ``peer``; returns what to send."""
+        if self.closed:
+            return []
+        if peer in self.banned:
+            return [(peer, Close("banned"))]
+        if isinstance(msg, Handshake):
+            return self._on_handshake(peer, msg, now)
+        p = self.peers.get(peer)
+        if p is None or not p.handshaken:
+            raise HandshakeRequired("message", type(msg).__name__,
+                                    f"peer {peer} sent it before a valid handshake")
+        self._validate(msg)
+        p.last_recv = now
+        if isinstance(msg, Piece):
+            return self._on_piece(p, msg, now)
+        if isinstance(msg, Request):
+            return self._on_request(p, msg, now)
+        if isinstance(msg, Have):
+            return self._on_have(p, [msg.index], now)
+        if isinstance(msg, Bitfield):
+            return self._on_have(p, decode_bits(msg.bits, self.layout.num_pieces), now)
+        if isinstance(msg, Cancel):
+            p.clear_served(msg.index, msg.begin)
+            return []
+        if isinstance(msg, Interested):
+            return self._on_interested(p, now)
+        if isinstance(msg, NotInterested):
+            p.peer_interested = False
+            return self._choke(p, now) if not p.am_choking else []
+        if isinstance(msg, Unchoke):
+            p.peer_choking = False
+            return self._fill(p, now)
+        if isinstance(msg, Choke):
+            # Requests already sent stay on the books until they arrive or
+            # time out: the peer may have served them before choking.
+            p.peer_choking = True
+            return []
+        if isinstance(msg, Credit):
+            p.their_credit = msg.credit
+            return []
+        if isinstance(msg, KeepAlive):
+            return []
+        raise ProtocolError("message", type(msg).__name__, "not a peer wire message")
+
+    def _validate(self, msg: Message) -> None:
+        """Check a message against the swarm before touching any state."""
+        if isinstance(msg, (Have, Request, Piece, Cancel)):
+            self.layout.check_index(msg.index)
+        if isinstance(msg, (Request, Cancel)):
+            if msg.length <= 0 or msg.length > self.config.max_block_size:
+                raise BlockTooLarge("length", msg.length,
+                                    f"limit is {self.config.max_block_size} bytes")
+            self._check_block(msg.index, msg.begin, msg.length)
+        elif isinstance(msg, Piece):
+            if len(msg.block) > self.config.max_block_size:
+                raise BlockTooLarge("block", len(msg.block),
+                                    f"limit is {self.config.max_block_size} bytes")
+            self._check_block(msg.index, msg.begin, len(msg.block))
+        elif isinstance(msg, Bitfield):
+            decode_bits(msg.bits, self.layout.num_pieces)
+
+    def _check_block(self, index: int, begin: int, length: int) -> None:
+        plen = self.layout.piece_length(index)
+        bs = self.config.block_size
+        if begin < 0 or begin % bs or begin >= plen or length != min(bs, plen - begin):
+            raise BadBlockRange("begin", (index, begin, length),
+                                f"piece {index} has {plen} bytes in blocks of {bs}")
+
+    def _on_handshake(self, peer: int, hs: Handshake, now: float) -> list[Outgoing]:
+        if hs.protocol != PROTOCOL_NAME:
+            raise HandshakeRefused("protocol", hs.protocol, f"expected {PROTOCOL_NAME!r}")
+        if hs.swarm_id != self.layout.swarm_id:
+            raise HandshakeRefused("swarm_id", hs.swarm_id.hex(),
+                                   "another experiment, round or set of manifests")
+        if hs.peer_id != peer or peer == self.peer_id:
+            raise HandshakeRefused("peer_id", hs.peer_id, f"connection is to peer {peer}")
+        if self.secret and not hmac.compare_digest(
+                hs.auth, make_auth(self.secret, self.layout.swarm_id, peer)):
+            raise HandshakeRefused("auth", hs.auth.hex()[:16], "bad experiment secret")
+        if hs.credit < self.config.block_size:
+            raise HandshakeRefused("credit", hs.credit,
+                                   f"must allow one block of {self.config.block_size} bytes")
+        if peer in self.banned:
+            return [(peer, Close("banned"))]
+        p = self._peer(peer, now)
+        p.last_recv = now
+        p.their_credit = hs.credit
+        out: list[Outgoing] = []
+        if p.handshaken:
+            # A repeat: the peer may have missed ours.  Answer at most once per
+            # retry period so two peers never echo handshakes forever.
+            if p.handshake_sent_at is None or now - p.handshake_sent_at >= self.config.handshake_retry:
+                p.handshake_sent_at = now
+                out.append(self._send(p, self._handshake(), now))
+                out.append(self._send(p, Bitfield(encode_bits(self.have, self.layout.num_pieces)), now))
+            return out
+        p.handshaken = True
+        if p.handshake_sent_at is None:
+            p.handshake_sent_at = now
+            out.append(self._send(p, self._handshake(), now))
+        out.append(self._send(p, Bitfield(encode_bits(self.have, self.layout.num_pieces)), now))
+        # An owner always holds its own pieces: known even if its bitfield is lost.
+        implicit = list(self.layout.owner_range(peer)) if peer in self.layout.owners else []
+        out.extend(self._on_have(p, implicit, now))
+        return out
+
+    def _on_have(self, p: PeerState, indices: Iterable[int], now: float) -> list[Outgoing]:
+        news = [i for i in indices if p.set_has(i)]
+        self.picker.peer_gained(news)
+        for i in indices:
+            # Their have settles what we served them for the piece.
+            p.clear_served_piece(i)
+        out: list[Outgoing] = []
+        if news and not p.am_interested and any(not self.have[i] for i in news):
+            out.extend(self._set_interest(p, True, now))
+        out.extend(self._fill(p, now))
+        return out
+
+    def _on_interested(self, p: PeerState, now: float) -> list[Outgoing]:
+        p.peer_interested = True
+        if p.interested_since == 0.0:
+            p.interested_since = now
+        if not p.am_choking:
+            # They think they are choked (our unchoke may be lost): say it again.
+            return [self._send(p, Unchoke(), now)]
+        if self._slots_free():
+            return self._unchoke(p, now)
+        return []
+
+    def _slots_free(self) -> bool:
+        slots = self.config.max_upload_slots
+        return slots == 0 or sum(1 for q in self.peers.values() if not q.am_choking) < slots
+
+    def _unchoke(self, p: PeerState, now: float) -> list[Outgoing]:
+        p.am_choking = False
+        p.unchoked_at = now
+        return [self._send(p, Unchoke(), now)]
+
+    def _choke(self, p: PeerState, now: float) -> list[Outgoing]:
+        p.am_choking = True
+        p.interested_since = 0.0
+        out = [self._send(p, Choke(), now)]
+        waiting = [q for q in self.peers.values()
+                   if q.peer_interested and q.am_choking and q is not p and q.handshaken]
+        if waiting and self._slots_free():
+            nxt = min(waiting, key=lambda q: (q.interested_since, q.peer_id))
+            out.extend(self._unchoke(nxt, now))
+        return out
+
+    def _on_request(self, p: PeerState, msg: Request, now: float) -> list[Outgoing]:
+        index, begin, length = msg.index, msg.begin, msg.length
+        if p.am_choking:
+            p.counters.requests_refused += 1
+            return []
+        if not self.have[index]:
+            p.counters.requests_refused += 1
+            return []
+        key = (index, begin)
+        if key not in p.served and p.served_bytes + length > p.their_credit:
+            # Serving this would exceed what the peer said it can hold.
+            p.counters.credit_violations += 1
+            self.stats.credit_violations += 1
+            log.debug("peer %s: request %s past its credit %s", p.peer_id, key, p.their_credit)
+            return []
+        data = self._piece_bytes(index)
+        p.add_served(index, begin, length, now)
+        p.counters.blocks_out += 1
+        p.counters.bytes_out += length
+        self.stats.bytes_up += length
+        return [self._send(p, Piece(index, begin, memoryview(data)[begin:begin + length]), now)]
+
+    def _piece_bytes(self, index: int) -> bytes:
+        data = self._cache.get(index)
+        if data is not None:
+            self._cache.move_to_end(index)
+            return data
+        owner, local = self.layout.to_local(index)
+        data = self.storage.get(owner, local)
+        if data is None:
+            raise ConfigError("storage", (owner, local), "piece marked held but storage lost it")
+        self._cache[index] = data
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return data
+
+    def _on_piece(self, p: PeerState, msg: Piece, now: float) -> list[Outgoing]:
+        index, begin = msg.index, msg.begin
+        length = len(msg.block)
+        p.counters.bytes_in += length
+        self.stats.bytes_down += length
+        if not p.request_done(index, begin, length):
+            # Never asked (or already cancelled): refuse it, whatever it holds.
+            if self.have[index] or index in self.picker.partials and \
+                    self.picker.partials[index].received[begin // self.config.block_size]:
+                p.counters.duplicate_blocks += 1
+                self.stats.duplicate_blocks += 1
+            else:
+                p.counters.unrequested_blocks += 1
+                self.stats.unrequested_blocks += 1
+            return []
+        p.counters.blocks_in += 1
+        p.timeout_streak = 0
+        p.note_received(length, now)
+        others = self.picker.block_received(index, begin, msg.block, p.peer_id)
+        out: list[Outgoing] = []
+        if others is None:
+            p.counters.duplicate_blocks += 1
+            self.stats.duplicate_blocks += 1
+            if self.have[index]:
+                p.piece_settled(index)
+        else:
+            for other in others:  # end game: the losers are cancelled
+                q = self.peers.get(other)
+                if q is not None and q.request_cancelled(index, begin, length):
+                    self.stats.cancels_sent += 1
+                    out.append(self._send(q, Cancel(index, begin, length), now))
+            pp = self.picker.partials.get(index)
+            if pp is not None and pp.complete:
+                out.extend(self._piece_complete(index, now))
+        out.extend(self._fill(p, now))
+        return out
+
+    def _piece_complete(self, index: int, now: float) -> list[Outgoing]:
+        pp = self.picker.partials[index]
+        out: list[Outgoing] = []
+        if hashlib.sha256(pp.buffer).digest() != self.layout.piece_hash(index):
+            contributors = self.picker.piece_failed(index)
+            self.stats.corrupt_pieces += 1
+            owner, local = self.layout.to_local(index)
+            log.warning("peer %s: piece %s/%s failed its hash (from peers %s); refetching",
+                        self.peer_id, owner, local, sorted(contributors))
+            for pid in contributors:
+                q = self.peers.get(pid)
+                if q is None:
+                    continue
+                q.counters.corrupt_pieces += 1
+                # Tell them to release what they served us for this piece.
+                for b in range(pp.num_blocks):
+                    out.append(self._send(q, Cancel(index, b * pp.block_size, pp.block_length(b)), now))
+                q.piece_settled(index)
+                if q.counters.corrupt_pieces >= self.config.max_corrupt_pieces:
+                    out.extend(self.ban(pid, now, "served corrupt pieces"))
+            for q in self.peers.values():
+                q.piece_settled(index)
+            return out
+        owner, local = self.layout.to_local(index)
+        self.storage.put(owner, local, self.layout.piece_hash(index), pp.buffer)
+        self.picker.piece_verified(index)
+        self.stats.pieces_received += 1
+        if self.stats.first_piece_at is None:
+            self.stats.first_piece_at = now
+        if self.complete and self.stats.completed_at is None:
+            self.stats.completed_at = now
+        for q in list(self.peers.values()):
+            q.piece_settled(index)
+            if q.handshaken:
+                out.append(self._send(q, Have(index), now))
+                if q.am_interested and not self.picker.wants_any(q.has):
+                    out.extend(self._set_interest(q, False, now))
+        for pid in pp.contributors:
+            q = self.peers.get(pid)
+            if q is not None:
+                out.extend(self._fill(q, now))
+        return out
+
+    # ---- requesting --------------------------------------------------------------
+    def _set_interest(self, p: PeerState, interested: bool, now: float) -> list[Outgoing]:
+        if p.am_interested == interested:
+            return []
+        p.am_interested = interested
+        p.interest_sent_at = now
+        return [self._send(p, Interested() if interested else NotInterested(), now)]
+
+    def _fill(self, p: PeerState, now: float) -> list[Outgoing]:
+        """Top up ``p``'s request pipeline within its depth and our credit."""
+        if self.closed or not p.handshaken or p.peer_choking or not p.am_interested:
+            return []
+        cfg = self.config
+        depth = p.pipeline_depth(cfg.block_size, cfg.request_queue_time,
+                                 cfg.min_requests_per_peer, cfg.max_requests_per_peer)
+        max_blocks = depth - len(p.inflight)
+        max_bytes = cfg.credit_bytes - p.credit_used
+        picks = self.picker.pick(p.peer_id, p.has, max_blocks, max_bytes,
+                                 end_game_ok=len(p.inflight) <= 1, now=now,
+                                 end_game_delay=cfg.end_game_delay)
+        out = []
+        for index, begin, length in picks:
+            p.add_request(index, begin, length, now)
+            out.append(self._send(p, Request(index, begin, length), now))
+        return out
+
+    # ---- time -------------------------------------------------------------------
+    def tick(self, now: float) -> list[Outgoing]:
+        """Timers: request timeouts, handshake and interest retries, keep-alive,
+        dead peers, unchoke rotation, and idle pipelines."""
+        if self.closed:
+            return []
+        out: list[Outgoing] = []
+        cfg = self.config
+        for p in list(self.peers.values()):
+            if now - p.last_recv > cfg.peer_timeout:
+                log.info("peer %s: peer %s silent for %.1fs; dropping", self.peer_id,
+                         p.peer_id, now - p.last_recv)
+                out.append((p.peer_id, Close("peer timeout")))
+                self.peer_lost(p.peer_id, now)
+                continue
+            if not p.handshaken:
+                if p.handshake_sent_at is not None and now - p.handshake_sent_at >= cfg.handshake_retry:
+                    p.handshake_sent_at = now
+                    out.append(self._send(p, self._handshake(), now))
+                continue
+            out.extend(self._expire_requests(p, now))
+            if p.timeout_streak > self.config.max_retries:
+                log.info("peer %s: peer %s timed out %d times in a row; dropping", self.peer_id,
+                         p.peer_id, p.timeout_streak)
+                out.append((p.peer_id, Close("unresponsive")))
+                self.peer_lost(p.peer_id, now)
+                for q in self.peers.values():
+                    out.extend(self._fill(q, now))
+                continue
+            p.expire_served(now - 2 * cfg.request_timeout)
+            if p.am_interested and p.peer_choking and now - p.interest_sent_at >= cfg.interest_retry:
+                p.interest_sent_at = now
+                out.append(self._send(p, Interested(), now))
+            if not p.inflight:
+                out.extend(self._fill(p, now))
+            if now - p.last_sent >= cfg.keepalive_interval:
+                out.append(self._send(p, KeepAlive(), now))
+        out.extend(self._rotate_unchokes(now))
+        return out
+
+    def _expire_requests(self, p: PeerState, now: float) -> list[Outgoing]:
+        out: list[Outgoing] = []
+        limit = now - self.config.request_timeout
+        while p.inflight:
+            (index, begin), sent_at = next(iter(p.inflight.items()))
+            if sent_at > limit:
+                break
+            length = self.picker.block_length(index, begin)
+            p.request_cancelled(index, begin, length)
+            self.picker.request_dropped(index, begin, p.peer_id)
+            # Prefer someone else for this piece next time.
+            self.picker.avoid.setdefault(index, set()).add(p.peer_id)
+            p.counters.timeouts += 1
+            self.stats.timeouts += 1
+            self.stats.retries += 1
+            out.append(self._send(p, Cancel(index, begin, length), now))
+        if out:
+            p.timeout_streak += 1
+            # The freed blocks go to whichever peers have room now.
+            for q in self.peers.values():
+                if q is not p:
+                    out.extend(self._fill(q, now))
+        return out
+
+    def _rotate_unchokes(self, now: float) -> list[Outgoing]:
+        cfg = self.config
+        if cfg.max_upload_slots == 0 or now - self._last_unchoke_rotation < cfg.unchoke_interval:
+            return []
+        self._last_unchoke_rotation = now
+        waiting = [q for q in self.peers.values() if q.peer_interested and q.am_choking and q.handshaken]
+        unchoked = [q for q in self.peers.values() if not q.am_choking]
+        out: list[Outgoing] = []
+        if waiting and unchoked and not self._slots_free():
+            oldest = min(unchoked, key=lambda q: (q.unchoked_at, q.peer_id))
+            out.extend(self._choke(oldest, now))
+            oldest.interested_since = now if oldest.peer_interested else 0.0
+        return out
+
+    def ban(self, peer: int, now: float, reason: str) -> list[Outgoing]:
+        """Disconnect and refuse a misbehaving peer for the rest of the round."""
+        log.warning("peer %s: banning peer %s: %s", self.peer_id, peer, reason)
+        self.banned.add(peer)
+        self.stats.bans += 1
+        self.peer_lost(peer, now)
+        return [(peer, Close(reason))]
+
+    def deadline(self, now: float) -> list[Outgoing]:
+        """The round's deadline passed: stop, forget unverified bytes, release
+        every per-transfer record, and close all connections."""
+        return self.close(now, "deadline")
+
+    def close(self, now: float, reason: str = "closed") -> list[Outgoing]:
+        if self.closed:
+            return []
+        out: list[Outgoing] = [(pid, Close(reason)) for pid in self.peers]
+        for pid in list(self.peers):
+            self.peer_lost(pid, now)
+        self.picker.drop_partials()
+        self.picker.avoid.clear()
+        self._cache.clear()
+        self.closed = True
+        self.close_reason = reason
+        return out

@@ -1,0 +1,275 @@
+"""A deterministic in-memory network that drives swarm sessions.
+
+Discrete-event simulation on a virtual clock.  Every peer has an uplink and a
+downlink, each a FIFO serialiser at its own rate, plus a one-way latency:
+a message leaves when the sender's uplink has finished everything queued
+before it, reaches the receiver's downlink ``latency`` later, and is
+delivered once the downlink has carried it.  Per pair, delivery order is
+send order (like TCP) unless the reorder fault is on.
+
+Seeded faults: drop, duplicate, reorder (extra random delay), corrupt (flip
+a byte of a piece block), and scheduled disconnects.  With ``encode=True``
+every message goes through the real binary codec on the way.
+"""
+from __future__ import annotations
+
+import heapq
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from ..core.messages import Handshake, Message, Piece, message_size
+from ..core.session import Close, SwarmSession
+from ..errors import BitTorrentError, HandshakeRequired
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LinkProfile:
+    """One peer's access link: rates in bytes per second, latency in seconds."""
+
+    up: float = 12.5e6
+    down: float = 12.5e6
+    latency: float = 0.005
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Per-message probabilities of each fault (0 = off)."""
+
+    drop: float = 0.0
+    duplicate: float = 0.0
+    reorder: float = 0.0
+    reorder_delay: float = 0.05
+    corrupt: float = 0.0
+
+    @property
+    def any(self) -> bool:
+        return bool(self.drop or self.duplicate or self.reorder or self.corrupt)
+
+
+@dataclass
+class PeerLink:
+    session: SwarmSession
+    profile: LinkProfile
+    up_free: float = 0.0
+    down_free: float = 0.0
+    wire_up: int = 0
+    wire_down: int = 0
+    completed_at: Optional[float] = None
+
+
+@dataclass
+class SimResult:
+    virtual_time: float
+    wall_time: float
+    events: int
+    complete: bool
+    completion: dict[int, float]
+    completed_at: dict[int, Optional[float]]
+    wire_up: dict[int, int]
+    wire_down: dict[int, int]
+    faults: dict[str, int]
+    protocol_errors: int
+
+    @property
+    def events_per_second(self) -> float:
+        return self.events / self.wall_time if self.wall_time > 0 else float("inf")
+
+
+_DELIVER, _ARRIVE, _TICK, _ACTION = 0, 1, 2, 3
+
+
+class SimNetwork:
+    def __init__(self, seed: int = 0, faults: Faults = Faults(), encode: bool = False,
+                 tick_interval: float = 0.5) -> None:
+        self.rng = random.Random(seed)
+        self.faults = faults
+        self.encode = encode
+        self.tick_interval = tick_interval
+        self.peers: dict[int, PeerLink] = {}
+        self.now = 0.0
+        self._queue: list = []
+        self._seq = 0
+        self._in_flight = 0
+        self._closed_pairs: set[tuple[int, int]] = set()
+        self.fault_counts = {"dropped": 0, "duplicated": 0, "reordered": 0, "corrupted": 0,
+                             "disconnects": 0}
+        self.protocol_errors = 0
+        self.events = 0
+        self.on_error: Optional[Callable[[int, int, Exception], None]] = None
+
+    # ---- set-up ------------------------------------------------------------------
+    def add_peer(self, session: SwarmSession, profile: LinkProfile = LinkProfile()) -> None:
+        self.peers[session.peer_id] = PeerLink(session, profile)
+
+    def connect_all(self, topology: Optional[dict[int, list[int]]] = None) -> None:
+        """Open connections (full mesh unless a neighbour list is given)."""
+        ids = sorted(self.peers)
+        for a in ids:
+            neighbours = topology[a] if topology is not None else [b for b in ids if b != a]
+            for b in neighbours:
+                if a < b or (topology is not None and a not in topology.get(b, [])):
+                    self._emit(a, self.peers[a].session.connect(b, self.now))
+
+    def schedule(self, at: float, fn: Callable[[], None]) -> None:
+        """Run ``fn`` at virtual time ``at`` (fault scripts, deadlines)."""
+        self._push(at, _ACTION, fn)
+
+    def disconnect(self, a: int, b: int, reconnect_after: Optional[float] = None) -> None:
+        """Cut the a-b connection now; optionally reconnect later."""
+        self.fault_counts["disconnects"] += 1
+        self._closed_pairs.add((a, b))
+        self._closed_pairs.add((b, a))
+        self.peers[a].session.peer_lost(b, self.now)
+        self.peers[b].session.peer_lost(a, self.now)
+        if reconnect_after is not None:
+            def reopen() -> None:
+                self._closed_pairs.discard((a, b))
+                self._closed_pairs.discard((b, a))
+                self._emit(a, self.peers[a].session.connect(b, self.now))
+            self.schedule(self.now + reconnect_after, reopen)
+
+    # ---- event plumbing ------------------------------------------------------------
+    def _push(self, at: float, kind: int, payload) -> None:
+        self._seq += 1
+        heapq.heappush(self._queue, (at, self._seq, kind, payload))
+
+    def _emit(self, src: int, outgoing) -> None:
+        for dst, msg in outgoing:
+            if isinstance(msg, Close):
+                self._close(src, dst, msg.reason)
+            else:
+                self._send(src, dst, msg)
+
+    def _close(self, src: int, dst: int, reason: str) -> None:
+        if (src, dst) in self._closed_pairs:
+            return
+        self._closed_pairs.add((src, dst))
+        self._closed_pairs.add((dst, src))
+        link = self.peers.get(dst)
+        if link is not None:
+            latency = self.peers[src].profile.latency
+            self.schedule(self.now + latency, lambda: link.session.peer_lost(src, self.now))
+
+    def _send(self, src: int, dst: int, msg: Message) -> None:
+        if (src, dst) in self._closed_pairs or dst not in self.peers:
+            return
+        f = self.faults
+        copies = 1
+        if f.any:
+            if f.drop and self.rng.random() < f.drop:
+                self.fault_counts["dropped"] += 1
+                return
+            if f.duplicate and self.rng.random() < f.duplicate:
+                self.fault_counts["duplicated"] += 1
+                copies = 2
+            if f.corrupt and isinstance(msg, Piece) and self.rng.random() < f.corrupt:
+                self.fault_counts["corrupted"] += 1
+                block = bytearray(msg.block)
+                block[self.rng.randrange(len(block))] ^= 0xFF
+                msg = Piece(msg.index, msg.begin, bytes(block))
+        payload = msg
+        if self.encode:
+            from ..core.codec import encode
+            payload = encode(msg)
+        size = message_size(msg)
+        s = self.peers[src]
+        for _ in range(copies):
+            s.up_free = max(self.now, s.up_free) + size / s.profile.up
+            s.wire_up += size
+            arrive = s.up_free + s.profile.latency
+            if f.reorder and self.rng.random() < f.reorder:
+                self.fault_counts["reordered"] += 1
+                arrive += self.rng.random() * f.reorder_delay
+            self._in_flight += 1
+            self._push(arrive, _ARRIVE, (src, dst, payload, size))
+
+    def _decode(self, dst: int, payload):
+        from ..core.codec import WireLimits, decode_handshake, decode_message
+        session = self.peers[dst].session
+        if payload[:1] == bytes([len(b"FSBitTorrent/1")]) and len(payload) > 4 and \
+                payload[1:15] == b"FSBitTorrent/1":
+            return decode_handshake(payload)
+        limits = WireLimits(num_pieces=session.layout.num_pieces,
+                            max_block_size=session.config.max_block_size)
+        return decode_message(memoryview(payload)[4:], limits)
+
+    # ---- running -----------------------------------------------------------------
+    def run(self, until: Optional[float] = None, deadline: Optional[float] = None,
+            max_events: int = 50_000_000) -> SimResult:
+        """Run until every session holds every piece and the wire is quiet,
+        or until virtual time ``until``.  At ``deadline`` every session that
+        is not complete is closed (partial completion)."""
+        wall0 = time.perf_counter()
+        for pid in sorted(self.peers):
+            self._push(self.now + self.tick_interval, _TICK, pid)
+        if deadline is not None:
+            self.schedule(deadline, self._deadline)
+        queue = self._queue
+        while queue and self.events < max_events:
+            at, _, kind, payload = heapq.heappop(queue)
+            if until is not None and at > until:
+                heapq.heappush(queue, (at, 0, kind, payload))
+                break
+            self.now = at
+            self.events += 1
+            if kind == _ARRIVE:
+                src, dst, msg, size = payload
+                d = self.peers[dst]
+                d.down_free = max(at, d.down_free) + size / d.profile.down
+                self._push(d.down_free, _DELIVER, payload)
+            elif kind == _DELIVER:
+                self._in_flight -= 1
+                self._deliver(*payload)
+            elif kind == _TICK:
+                link = self.peers[payload]
+                if not link.session.closed:
+                    self._emit(payload, link.session.tick(at))
+                if self._done():
+                    continue
+                self._push(at + self.tick_interval, _TICK, payload)
+            else:
+                payload()
+            if self._in_flight == 0 and self._done():
+                break
+        wall = time.perf_counter() - wall0
+        sessions = {pid: l.session for pid, l in self.peers.items()}
+        return SimResult(
+            virtual_time=self.now, wall_time=wall, events=self.events,
+            complete=all(s.complete for s in sessions.values()),
+            completion={pid: s.completion() for pid, s in sessions.items()},
+            completed_at={pid: s.stats.completed_at for pid, s in sessions.items()},
+            wire_up={pid: l.wire_up for pid, l in self.peers.items()},
+            wire_down={pid: l.wire_down for pid, l in self.peers.items()},
+            faults=dict(self.fault_counts), protocol_errors=self.protocol_errors)
+
+    def _done(self) -> bool:
+        return all(l.session.complete or l.session.closed for l in self.peers.values())
+
+    def _deadline(self) -> None:
+        for pid, link in self.peers.items():
+            if not link.session.complete:
+                self._emit(pid, link.session.deadline(self.now))
+
+    def _deliver(self, src: int, dst: int, payload, size: int) -> None:
+        if (src, dst) in self._closed_pairs:
+            return
+        d = self.peers[dst]
+        d.wire_down += size
+        try:
+            msg = self._decode(dst, payload) if self.encode else payload
+            out = d.session.handle(src, msg, self.now)
+        except BitTorrentError as exc:
+            self.protocol_errors += 1
+            if self.on_error is not None:
+                self.on_error(src, dst, exc)
+            if not isinstance(exc, HandshakeRequired) and not self.faults.any:
+                log.warning("peer %s -> %s: %s; closing", src, dst, exc)
+                self._emit(dst, [(src, Close(str(exc)))])
+                d.session.peer_lost(src, self.now)
+            return
+        self._emit(dst, out)
