@@ -104,10 +104,10 @@ class Piece:
             other.index, other.begin, bytes(other.block))
 
     def __hash__(self) -> int:
-        return hash((self.index, self.begin, len(self.block)))
+        return hash((self.index, self.begin, memoryview(self.block).nbytes))
 
     def __repr__(self) -> str:
-        return f"Piece(index={self.index}, begin={self.begin}, len={len(self.block)})"
+        return f"Piece(index={self.index}, begin={self.begin}, nbytes={memoryview(self.block).nbytes})"
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ def message_size(msg: Message) -> int:
     The simulator charges bandwidth with this, without encoding anything.
     """
     if isinstance(msg, Piece):
-        return 4 + 1 + 8 + len(msg.block)
+        return 4 + 1 + 8 + memoryview(msg.block).nbytes
     if isinstance(msg, (Request, Cancel)):
         return 4 + 1 + 12
     if isinstance(msg, (Have, Credit)):
