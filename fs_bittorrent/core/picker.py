@@ -41,10 +41,12 @@ class PartialPiece:
     received_count: int = 0
     contributors: dict[int, int] = field(default_factory=dict)  # peer -> blocks given
     open_blocks: set[int] = field(init=False)  # neither received nor outstanding
+    block_from: list[int] = field(init=False)  # which peer gave each block
 
     def __post_init__(self) -> None:
         self.buffer = bytearray(self.length)
         self.received = [False] * self.num_blocks
+        self.block_from = [-1] * self.num_blocks
         self.open_blocks = set(range(self.num_blocks))
 
     @property
@@ -230,6 +232,7 @@ class PiecePicker:
             return None
         pp.buffer[begin:begin + len(data)] = data
         pp.received[b] = True
+        pp.block_from[b] = peer
         pp.open_blocks.discard(b)
         if not pp.open_blocks:
             self.open_partials.discard(index)
@@ -247,8 +250,10 @@ class PiecePicker:
         self.avoid.pop(index, None)
         self.have[index] = True
 
-    def piece_failed(self, index: int) -> dict[int, int]:
-        """Hash mismatch: drop the bytes, avoid the contributors, start over."""
+    def piece_failed(self, index: int) -> PartialPiece:
+        """Hash mismatch: drop the piece, avoid its contributors, start over.
+
+        Returns the failed partial so the caller can work out who lied."""
         pp = self.partials.pop(index)
         self.open_partials.discard(index)
         for key in [k for k in self.outstanding if k[0] == index]:
@@ -257,7 +262,7 @@ class PiecePicker:
         self.avoid.setdefault(index, set()).update(pp.contributors)
         self.unstarted.add(index)
         self.missing_blocks += pp.received_count
-        return pp.contributors
+        return pp
 
     def drop_partials(self) -> int:
         """Deadline: forget every unverified byte.  Returns pieces dropped."""

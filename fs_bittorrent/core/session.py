@@ -115,6 +115,9 @@ class SwarmSession:
         self._cache: "OrderedDict[int, bytes]" = OrderedDict()
         self._cache_size = 8
         self._last_unchoke_rotation = now
+        # piece -> [(peer, offset, length, sha256 of the block it gave)] after a
+        # multi-peer hash failure; settled when the piece verifies.
+        self._suspects: dict[int, list[tuple[int, int, int, bytes]]] = {}
         if self.complete:
             self.stats.completed_at = now
 
@@ -155,6 +158,7 @@ class SwarmSession:
             "credit_pieces": sum(len(p.credit_by_piece) for p in self.peers.values()),
             "served_blocks": sum(len(p.served) for p in self.peers.values()),
             "avoid_lists": len(self.picker.avoid),
+            "suspect_pieces": len(self._suspects),
         }
 
     def progress(self, now: float) -> dict:
@@ -446,28 +450,11 @@ class SwarmSession:
         pp = self.picker.partials[index]
         out: list[Outgoing] = []
         if hashlib.sha256(pp.buffer).digest() != self.layout.piece_hash(index):
-            contributors = self.picker.piece_failed(index)
-            self.stats.corrupt_pieces += 1
-            owner, local = self.layout.to_local(index)
-            log.warning("peer %s: piece %s/%s failed its hash (from peers %s); refetching",
-                        self.peer_id, owner, local, sorted(contributors))
-            for pid in contributors:
-                q = self.peers.get(pid)
-                if q is None:
-                    continue
-                q.counters.corrupt_pieces += 1
-                # Tell them to release what they served us for this piece.
-                for b in range(pp.num_blocks):
-                    out.append(self._send(q, Cancel(index, b * pp.block_size, pp.block_length(b)), now))
-                q.piece_settled(index)
-                if q.counters.corrupt_pieces >= self.config.max_corrupt_pieces:
-                    out.extend(self.ban(pid, now, "served corrupt pieces"))
-            for q in self.peers.values():
-                q.piece_settled(index)
-            return out
+            return self._piece_failed(index, now)
         owner, local = self.layout.to_local(index)
         self.storage.put(owner, local, self.layout.piece_hash(index), pp.buffer)
         self.picker.piece_verified(index)
+        out.extend(self._settle_suspects(index, pp.buffer, now))
         self.stats.pieces_received += 1
         if self.stats.first_piece_at is None:
             self.stats.first_piece_at = now
@@ -484,6 +471,58 @@ class SwarmSession:
             if q is not None:
                 out.extend(self._fill(q, now))
         return out
+
+    def _piece_failed(self, index: int, now: float) -> list[Outgoing]:
+        """A piece failed its hash: refetch it and find out who lied.
+
+        With one contributor the blame is certain.  With several, each one's
+        blocks are remembered by digest; when the piece later verifies, the
+        peers whose blocks differ from the good bytes are the liars, and
+        honest peers who merely shared the piece are never blamed.
+        """
+        pp = self.picker.piece_failed(index)
+        self.stats.corrupt_pieces += 1
+        owner, local = self.layout.to_local(index)
+        givers = set(pp.block_from)
+        log.warning("peer %s: piece %s/%s failed its hash (blocks from peers %s); refetching",
+                    self.peer_id, owner, local, sorted(givers))
+        out: list[Outgoing] = []
+        for pid in givers:
+            q = self.peers.get(pid)
+            if q is None:
+                continue
+            # Let them release what they served us for this piece.
+            for b in range(pp.num_blocks):
+                if pp.block_from[b] == pid:
+                    out.append(self._send(q, Cancel(index, b * pp.block_size, pp.block_length(b)), now))
+        for q in self.peers.values():
+            q.piece_settled(index)
+        if len(givers) == 1:
+            out.extend(self._blame(givers.pop(), now))
+        else:
+            suspects = self._suspects.setdefault(index, [])
+            for b in range(pp.num_blocks):
+                lo = b * pp.block_size
+                digest = hashlib.sha256(pp.buffer[lo:lo + pp.block_length(b)]).digest()
+                suspects.append((pp.block_from[b], lo, pp.block_length(b), digest))
+        return out
+
+    def _settle_suspects(self, index: int, good: bytearray, now: float) -> list[Outgoing]:
+        out: list[Outgoing] = []
+        liars = {pid for pid, lo, n, digest in self._suspects.pop(index, ())
+                 if hashlib.sha256(good[lo:lo + n]).digest() != digest}
+        for pid in sorted(liars):
+            out.extend(self._blame(pid, now))
+        return out
+
+    def _blame(self, pid: int, now: float) -> list[Outgoing]:
+        q = self.peers.get(pid)
+        if q is None:
+            return []
+        q.counters.corrupt_pieces += 1
+        if q.counters.corrupt_pieces >= self.config.max_corrupt_pieces:
+            return self.ban(pid, now, "served corrupt pieces")
+        return []
 
     # ---- requesting --------------------------------------------------------------
     def _set_interest(self, p: PeerState, interested: bool, now: float) -> list[Outgoing]:
@@ -610,6 +649,7 @@ class SwarmSession:
             self.peer_lost(pid, now)
         self.picker.drop_partials()
         self.picker.avoid.clear()
+        self._suspects.clear()
         self._cache.clear()
         self.closed = True
         self.close_reason = reason

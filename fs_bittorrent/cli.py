@@ -1,0 +1,28 @@
+"""``fs-bittorrent`` command line: one entry point, one subcommand per job."""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+USAGE = """usage: fs-bittorrent COMMAND [ARGS]
+
+commands:
+  demo      swarm real model weights on the simulated network and verify them
+"""
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "demo":
+        from .demo import main as demo_main
+        return demo_main(rest)
+    print(f"fs-bittorrent: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

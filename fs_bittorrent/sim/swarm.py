@@ -1,0 +1,78 @@
+"""Build a simulated swarm from owners' pieces: the glue tests, the demo and
+the benchmarks share, so every one of them drives the engine the same way."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Sequence, Union
+
+from ..core.config import SwarmConfig
+from ..core.layout import SwarmLayout
+from ..core.manifest import Manifest
+from ..core.storage import ContentPool, MemoryPieceStorage, PieceStorage
+from ..core.session import SwarmSession
+from .network import Faults, LinkProfile, SimNetwork
+
+OwnerPieces = Mapping[int, tuple[Manifest, Sequence[bytes]]]
+
+
+@dataclass
+class SimSwarm:
+    layout: SwarmLayout
+    network: SimNetwork
+    storages: dict[int, PieceStorage]
+    owners: OwnerPieces
+
+    @property
+    def sessions(self) -> dict[int, SwarmSession]:
+        return {pid: link.session for pid, link in self.network.peers.items()}
+
+    def run(self, **kw):
+        return self.network.run(**kw)
+
+
+def lower_bound(piece_bytes: Mapping[int, int], profiles: Mapping[int, LinkProfile],
+                server_up: float = 0.0) -> float:
+    """All-gather lower bound T_LB (shared/GUIDE.md section 3).
+
+    ``piece_bytes[i]`` is owner i's share S_i; every peer must receive every
+    other share.  Three bounds: the slowest downloader must take in all the
+    others' bytes; all those bytes must cross the sum of uplinks; and every
+    owner must push its share out at least once.
+    """
+    ids = list(piece_bytes)
+    total = sum(piece_bytes.values())
+    need_down = max((total - piece_bytes[i]) / profiles[i].down for i in ids)
+    sum_up = sum(profiles[i].up for i in ids) + server_up
+    need_up_total = sum((len(ids) - 1) * piece_bytes[i] for i in ids) / sum_up
+    need_owner = max(piece_bytes[i] / profiles[i].up for i in ids)
+    return max(need_down, need_up_total, need_owner)
+
+
+def build_swarm(owners: OwnerPieces, config: SwarmConfig = SwarmConfig(),
+                profiles: Union[LinkProfile, Mapping[int, LinkProfile]] = LinkProfile(),
+                seed: int = 0, faults: Faults = Faults(), encode: bool = False,
+                secret: bytes = b"", experiment: str = "fs_bittorrent",
+                peers: Optional[Sequence[int]] = None,
+                storage_factory: Optional[Callable[[int], PieceStorage]] = None,
+                tick_interval: float = 0.5) -> SimSwarm:
+    """A network with one session per peer, each holding its own pieces.
+
+    ``peers`` defaults to the owners; extra ids join as pure downloaders.
+    Storages share one content pool, so each distinct piece is kept once.
+    """
+    layout = SwarmLayout(tuple(m for m, _ in owners.values()), experiment=experiment)
+    net = SimNetwork(seed=seed, faults=faults, encode=encode, tick_interval=tick_interval)
+    pool = ContentPool()
+    storages: dict[int, PieceStorage] = {}
+    for pid in (peers if peers is not None else sorted(owners)):
+        storage = storage_factory(pid) if storage_factory else MemoryPieceStorage(pool)
+        if pid in owners:
+            m, pieces = owners[pid]
+            for k, data in enumerate(pieces):
+                if not storage.has(pid, k):
+                    storage.put(pid, k, m.piece_hashes[k], data)
+        storages[pid] = storage
+        profile = profiles if isinstance(profiles, LinkProfile) else profiles[pid]
+        net.add_peer(SwarmSession(pid, layout, storage, config, secret=secret), profile)
+    net.connect_all()
+    return SimSwarm(layout, net, storages, owners)
