@@ -65,7 +65,9 @@ def build_swarm(owners: OwnerPieces, config: SwarmConfig = SwarmConfig(),
     pool = ContentPool()
     storages: dict[int, PieceStorage] = {}
     for pid in (peers if peers is not None else sorted(owners)):
-        storage = storage_factory(pid) if storage_factory else MemoryPieceStorage(pool)
+        # The session hashes every piece before put(); the in-memory default
+        # does not hash it a second time (the SQLite store does, on disk).
+        storage = storage_factory(pid) if storage_factory else MemoryPieceStorage(pool, verify=False)
         if pid in owners:
             m, pieces = owners[pid]
             for k, data in enumerate(pieces):
