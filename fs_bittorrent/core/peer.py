@@ -2,10 +2,11 @@
 
 Two ledgers per peer, kept in step by the protocol itself (no acks needed):
 
-* receive side (``inflight``/``credit_by_piece``): blocks we asked this peer
-  for.  A block counts against the credit we advertised to it from request
-  until its piece is verified (``have``) or we ``cancel`` it, because until
-  then its bytes occupy our memory.
+* receive side (``inflight``, ``reserved``): a piece assigned to this peer
+  reserves its whole length against the credit we advertised to it, from
+  assignment until the piece is verified (``have``) or taken away (we then
+  ``cancel`` what it served); an end-game duplicate reserves one block until
+  it arrives or is cancelled.  Until then those bytes occupy our memory.
 * send side (``served``/``served_by_piece``): blocks this peer asked us for,
   cleared by its ``have`` for the piece or its ``cancel``; a request that
   would push this past the credit the peer advertised is refused, so we
@@ -56,8 +57,9 @@ class PeerState:
     their_credit: int = 0            # what they told us they accept in flight
     inflight: "OrderedDict[BlockKey, float]" = field(default_factory=OrderedDict)  # our requests, sent_at
     inflight_bytes: int = 0
-    credit_by_piece: dict[int, int] = field(default_factory=dict)  # piece -> bytes counted
-    credit_used: int = 0
+    reserved: dict[int, int] = field(default_factory=dict)  # piece -> bytes reserved
+    reserved_total: int = 0
+    duplicates: set[BlockKey] = field(default_factory=set)   # end-game copies asked here
     served: "OrderedDict[BlockKey, tuple[float, int]]" = field(default_factory=OrderedDict)
     served_by_piece: dict[int, set[int]] = field(default_factory=dict)
     served_bytes: int = 0
@@ -108,35 +110,31 @@ class PeerState:
     def add_request(self, index: int, begin: int, length: int, now: float) -> None:
         self.inflight[(index, begin)] = now
         self.inflight_bytes += length
-        self.credit_by_piece[index] = self.credit_by_piece.get(index, 0) + length
-        self.credit_used += length
 
     def request_done(self, index: int, begin: int, length: int) -> bool:
-        """The block arrived: no longer in flight (still holds credit)."""
+        """The block arrived or was cancelled: no longer in flight."""
         if self.inflight.pop((index, begin), None) is None:
             return False
         self.inflight_bytes -= length
         return True
 
-    def request_cancelled(self, index: int, begin: int, length: int) -> bool:
-        """Timed out or cancelled: release both flight and credit."""
-        if not self.request_done(index, begin, length):
-            return False
-        self._release_credit(index, length)
-        return True
+    def reserve(self, index: int, nbytes: int) -> None:
+        self.reserved[index] = self.reserved.get(index, 0) + nbytes
+        self.reserved_total += nbytes
 
-    def piece_settled(self, index: int) -> None:
-        """Piece verified or discarded: its bytes no longer hold our credit."""
-        used = self.credit_by_piece.pop(index, 0)
-        self.credit_used -= used
-
-    def _release_credit(self, index: int, length: int) -> None:
-        left = self.credit_by_piece.get(index, 0) - length
+    def release(self, index: int, nbytes: int) -> None:
+        left = self.reserved.get(index, 0) - nbytes
         if left > 0:
-            self.credit_by_piece[index] = left
+            self.reserved[index] = left
         else:
-            self.credit_by_piece.pop(index, None)
-        self.credit_used -= length
+            self.reserved.pop(index, None)
+        self.reserved_total -= nbytes
+
+    def release_piece(self, index: int) -> None:
+        """Piece verified, failed or taken away: free everything it held."""
+        self.reserved_total -= self.reserved.pop(index, 0)
+        if self.duplicates:
+            self.duplicates = {k for k in self.duplicates if k[0] != index}
 
     # ---- send-side ledger --------------------------------------------------
     def add_served(self, index: int, begin: int, length: int, now: float) -> bool:

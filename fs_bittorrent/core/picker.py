@@ -2,17 +2,24 @@
 
 Policy (BitTorrent's, tuned for federated rounds):
 
-* finish pieces already started before starting new ones (partial pieces tie
-  up memory and delay ``have`` announcements);
-* new pieces by rarest first, random tie-breaks.  Every piece starts with one
-  holder, its owner, so "rarest" first means "owner-only pieces first", which
-  gets every piece off its owner's uplink as early as possible;
+* **one peer per piece.** A started piece is *assigned* to one peer, which
+  reserves credit for the whole piece, so the piece can always be finished
+  there: no peer's credit can fill up with pieces only it could complete.
+  A single giver also makes a hash failure's blame certain.  A piece is
+  reassigned only when its peer leaves or stops answering; its received
+  blocks stay, so the next peer resumes from the first missing offset;
+* finish partial pieces before starting new ones;
+* new pieces rarest first, random tie-breaks.  Every piece starts with one
+  holder, its owner, so "rarest" first means "owner-only pieces first",
+  which gets every piece off its owner's uplink as early as possible;
 * outside end game a block is never outstanding at two peers at once;
 * end game once every missing block is requested (or at most
-  ``end_game_threshold`` are not): the remaining blocks are asked of every
-  peer that has them, and the losers are cancelled on arrival.
+  ``end_game_threshold`` are not): a nearly idle peer may duplicate a block
+  that has been outstanding for ``end_game_delay``, at most one copy per
+  block, and the loser is cancelled on arrival.
 
-The picker knows nothing of time or messages; the session drives it.
+The picker knows nothing of time except the ``now`` it is given, and
+nothing of messages; the session drives it.
 """
 from __future__ import annotations
 
@@ -27,15 +34,12 @@ BlockKey = tuple[int, int]  # (piece index, begin)
 
 @dataclass
 class PartialPiece:
-    """A piece being assembled in memory.  Never stored before its hash matches.
-
-    Received blocks survive a peer's disconnect, so the piece resumes from
-    the first missing offset with another peer.
-    """
+    """A piece being assembled in memory.  Never stored before its hash matches."""
 
     index: int
     length: int
     block_size: int
+    peer: Optional[int] = None                 # the peer it is assigned to
     buffer: bytearray = field(init=False)
     received: list[bool] = field(init=False)
     received_count: int = 0
@@ -68,6 +72,23 @@ class PartialPiece:
         return self.length
 
 
+@dataclass
+class Picks:
+    """What ``pick`` chose: blocks to request, pieces newly assigned to the
+    peer (reserve their full length), and end-game duplicates (reserve per
+    block)."""
+
+    blocks: list[tuple[int, int, int]] = field(default_factory=list)
+    assigned: list[int] = field(default_factory=list)
+    duplicates: list[tuple[int, int, int]] = field(default_factory=list)
+
+    def __iter__(self):
+        return iter(self.blocks + self.duplicates)
+
+    def __len__(self) -> int:
+        return len(self.blocks) + len(self.duplicates)
+
+
 class PiecePicker:
     max_end_game_copies = 2  # a block is outstanding at two peers at most
 
@@ -85,7 +106,8 @@ class PiecePicker:
         for rank, i in enumerate(order):
             self.tiebreak[i] = rank
         self.partials: dict[int, PartialPiece] = {}
-        self.open_partials: set[int] = set()  # partials with blocks still to request
+        self.assigned: dict[int, set[int]] = {}     # peer -> its partial pieces
+        self.unassigned: set[int] = set()           # partials waiting for a peer
         self.unstarted: set[int] = {i for i in range(n) if not self.have[i]}
         self.outstanding: dict[BlockKey, set[int]] = {}
         self.requested_at: dict[BlockKey, float] = {}  # first request time, for end game
@@ -124,44 +146,62 @@ class PiecePicker:
         # Avoid a peer for a piece only while someone else could serve it.
         return bool(bad) and peer in bad and self.availability[index] > len(bad)
 
+    def pieces_of(self, peer: int) -> set[int]:
+        return self.assigned.get(peer, set())
+
     # ---- picking -----------------------------------------------------------
-    def pick(self, peer: int, peer_has: Sequence[bool], max_blocks: int,
-             max_bytes: int, end_game_ok: bool = True, now: float = 0.0,
-             end_game_delay: float = 0.0) -> list[tuple[int, int, int]]:
-        """Blocks (index, begin, length) to request from ``peer`` now.
+    def pick(self, peer: int, peer_has: Sequence[bool], max_blocks: int, reserve_free: int,
+             end_game_ok: bool = True, now: float = 0.0,
+             end_game_delay: float = 0.0) -> Picks:
+        """Blocks to request from ``peer`` now.
 
-        ``end_game_ok``: the caller allows duplicate requests from this peer
-        (the session passes True only for a peer that is nearly idle, so
-        duplicates go to spare capacity instead of queueing behind real work);
-        only blocks outstanding for ``end_game_delay`` or longer are duplicated,
-        so end game chases stragglers rather than racing healthy transfers.
+        ``max_blocks``: room in the peer's request pipeline.  ``reserve_free``:
+        credit the peer has left for new pieces; a piece is assigned only if
+        its whole length fits.  ``end_game_ok``: the caller allows duplicate
+        requests from this peer (the session passes True only for a nearly
+        idle peer, so duplicates use spare capacity).
         """
-        out: list[tuple[int, int, int]] = []
-        if max_blocks <= 0 or max_bytes <= 0:
-            return out
-        budget = [max_blocks, max_bytes]
+        picks = Picks()
+        room = max_blocks
+        if room <= 0:
+            return picks
+        mine = self.assigned.setdefault(peer, set())
 
-        def take(index: int, pp: PartialPiece) -> bool:
-            """Queue pp's open blocks in offset order; False once the budget is spent."""
-            for b in sorted(pp.open_blocks):
-                length = pp.block_length(b)
-                if length > budget[1] or budget[0] <= 0:
-                    return False
+        def take(pp: PartialPiece) -> int:
+            taken = 0
+            for b in sorted(pp.open_blocks)[:room]:
                 begin = b * self.block_size
-                out.append((index, begin, length))
-                self.outstanding[(index, begin)] = {peer}
-                self.requested_at[(index, begin)] = now
+                picks.blocks.append((pp.index, begin, pp.block_length(b)))
+                self.outstanding[(pp.index, begin)] = {peer}
+                self.requested_at[(pp.index, begin)] = now
                 pp.open_blocks.discard(b)
-                budget[0] -= 1
-                budget[1] -= length
-            self.open_partials.discard(index)
-            return True
+                taken += 1
+            return taken
 
-        for index in sorted(self.open_partials):
-            if peer_has[index] and not self._avoided(index, peer):
-                if not take(index, self.partials[index]):
-                    return out
-        while budget[0] > 0:
+        # 1. the peer's own partial pieces
+        for index in sorted(mine):
+            room -= take(self.partials[index])
+            if room <= 0:
+                return picks
+
+        def assign(pp: PartialPiece) -> None:
+            pp.peer = peer
+            mine.add(pp.index)
+            picks.assigned.append(pp.index)
+
+        # 2. orphaned partial pieces (their peer left or stopped answering)
+        for index in sorted(self.unassigned, key=lambda i: (self.availability[i], i)):
+            pp = self.partials[index]
+            if not peer_has[index] or self._avoided(index, peer) or pp.length > reserve_free:
+                continue
+            self.unassigned.discard(index)
+            reserve_free -= pp.length
+            assign(pp)
+            room -= take(pp)
+            if room <= 0:
+                return picks
+        # 3. new pieces, rarest first
+        while room > 0:
             best: Optional[int] = None
             best_key = None
             for i in self.unstarted:
@@ -169,18 +209,16 @@ class PiecePicker:
                     key = (self.availability[i], self.tiebreak[i])
                     if best_key is None or key < best_key:
                         best, best_key = i, key
-            if best is None:
-                break
-            if min(self.block_size, self.layout.piece_length(best)) > budget[1]:
+            if best is None or self.layout.piece_length(best) > reserve_free:
                 break
             self.unstarted.discard(best)
             pp = PartialPiece(best, self.layout.piece_length(best), self.block_size)
             self.partials[best] = pp
-            self.open_partials.add(best)
-            if not take(best, pp):
-                return out
-        if end_game_ok and self.in_end_game and budget[0] > 0:
-            # Oldest outstanding blocks first; at most one duplicate each.
+            reserve_free -= pp.length
+            assign(pp)
+            room -= take(pp)
+        # 4. end game: duplicate the oldest outstanding blocks, once each
+        if end_game_ok and room > 0 and self.in_end_game:
             for key, peers in self.outstanding.items():
                 if self.requested_at[key] > now - end_game_delay:
                     break  # insertion order is request order: the rest are younger
@@ -188,13 +226,15 @@ class PiecePicker:
                         or not peer_has[key[0]]:
                     continue
                 length = self.block_length(*key)
-                if length > budget[1] or budget[0] <= 0:
+                if length > reserve_free:
                     break
-                out.append((key[0], key[1], length))
+                picks.duplicates.append((key[0], key[1], length))
                 peers.add(peer)
-                budget[0] -= 1
-                budget[1] -= length
-        return out
+                reserve_free -= length
+                room -= 1
+                if room <= 0:
+                    break
+        return picks
 
     def wants_any(self, peer_has: Sequence[bool]) -> bool:
         """Does this peer hold anything we still miss?"""
@@ -208,18 +248,55 @@ class PiecePicker:
 
     # ---- transfer outcomes ---------------------------------------------------
     def request_dropped(self, index: int, begin: int, peer: int) -> None:
-        """A request timed out, was cancelled or its peer left: free the block."""
+        """An end-game duplicate was cancelled: forget that copy."""
         peers = self.outstanding.get((index, begin))
         if peers is None:
             return
         peers.discard(peer)
         if not peers:
-            del self.outstanding[(index, begin)]
-            del self.requested_at[(index, begin)]
-            pp = self.partials.get(index)
-            if pp is not None and not pp.received[begin // self.block_size]:
-                pp.open_blocks.add(begin // self.block_size)
-                self.open_partials.add(index)
+            self._reopen(index, begin)
+
+    def _reopen(self, index: int, begin: int) -> None:
+        self.outstanding.pop((index, begin), None)
+        self.requested_at.pop((index, begin), None)
+        pp = self.partials.get(index)
+        if pp is not None and not pp.received[begin // self.block_size]:
+            pp.open_blocks.add(begin // self.block_size)
+
+    def unassign(self, index: int, peer: int) -> list[tuple[int, int]]:
+        """Take ``index`` away from ``peer`` (it left, or stopped answering).
+
+        Received blocks stay; its outstanding blocks reopen for the next
+        peer.  Returns the (begin, length) blocks that were outstanding at
+        the peer, which the caller cancels.
+        """
+        pp = self.partials.get(index)
+        dropped: list[tuple[int, int]] = []
+        if pp is None:
+            return dropped
+        for b in range(pp.num_blocks):
+            key = (index, b * self.block_size)
+            peers = self.outstanding.get(key)
+            if peers is not None and peer in peers:
+                dropped.append((key[1], pp.block_length(b)))
+                peers.discard(peer)
+                if not peers:
+                    self._reopen(index, key[1])
+        if pp.peer == peer:
+            pp.peer = None
+            self.assigned.get(peer, set()).discard(index)
+            self.unassigned.add(index)
+        return dropped
+
+    def peer_gone(self, peer: int) -> list[int]:
+        """Unassign everything ``peer`` had; returns those pieces."""
+        pieces = sorted(self.assigned.pop(peer, set()))
+        for index in pieces:
+            self.unassign(index, peer)
+        # end-game copies at this peer for pieces assigned elsewhere
+        for key in [k for k, peers in self.outstanding.items() if peer in peers]:
+            self.request_dropped(key[0], key[1], peer)
+        return pieces
 
     def block_received(self, index: int, begin: int, data, peer: int) -> Optional[set[int]]:
         """Copy a requested block in.  Returns the other peers it was also
@@ -234,8 +311,6 @@ class PiecePicker:
         pp.received[b] = True
         pp.block_from[b] = peer
         pp.open_blocks.discard(b)
-        if not pp.open_blocks:
-            self.open_partials.discard(index)
         pp.received_count += 1
         pp.contributors[peer] = pp.contributors.get(peer, 0) + 1
         self.missing_blocks -= 1
@@ -244,21 +319,28 @@ class PiecePicker:
         others.discard(peer)
         return others
 
+    def _forget(self, index: int) -> PartialPiece:
+        pp = self.partials.pop(index)
+        if pp.peer is not None:
+            self.assigned.get(pp.peer, set()).discard(index)
+        self.unassigned.discard(index)
+        for b in range(pp.num_blocks):
+            key = (index, b * self.block_size)
+            self.outstanding.pop(key, None)
+            self.requested_at.pop(key, None)
+        return pp
+
     def piece_verified(self, index: int) -> None:
-        self.partials.pop(index, None)
-        self.open_partials.discard(index)
+        if index in self.partials:
+            self._forget(index)
         self.avoid.pop(index, None)
         self.have[index] = True
 
     def piece_failed(self, index: int) -> PartialPiece:
-        """Hash mismatch: drop the piece, avoid its contributors, start over.
+        """Hash mismatch: drop the piece, avoid its givers, start over.
 
         Returns the failed partial so the caller can work out who lied."""
-        pp = self.partials.pop(index)
-        self.open_partials.discard(index)
-        for key in [k for k in self.outstanding if k[0] == index]:
-            del self.outstanding[key]
-            del self.requested_at[key]
+        pp = self._forget(index)
         self.avoid.setdefault(index, set()).update(pp.contributors)
         self.unstarted.add(index)
         self.missing_blocks += pp.received_count
@@ -271,7 +353,8 @@ class PiecePicker:
             self.missing_blocks += pp.received_count
             self.unstarted.add(index)
         self.partials.clear()
-        self.open_partials.clear()
+        self.assigned.clear()
+        self.unassigned.clear()
         self.outstanding.clear()
         self.requested_at.clear()
         return n

@@ -26,7 +26,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Union
 
-from ..errors import (BadBlockRange, BlockTooLarge, ConfigError, HandshakeRefused,
+from ..errors import (BadBlockRange, BlockTooLarge, ConfigError, CreditExceeded,
+                      HandshakeRefused,
                       HandshakeRequired, PieceIndexOutOfRange, ProtocolError)
 from .bitfield import decode_bits, encode_bits
 from .config import SwarmConfig
@@ -49,6 +50,8 @@ class Close:
 
 
 Action = Union[Message, Close]
+_WIRE_TYPES = (KeepAlive, Choke, Unchoke, Interested, NotInterested, Have, Bitfield, Request,
+               Piece, Cancel, Credit)
 Outgoing = tuple[int, Action]
 
 
@@ -118,6 +121,7 @@ class SwarmSession:
         # piece -> [(peer, offset, length, sha256 of the block it gave)] after a
         # multi-peer hash failure; settled when the piece verifies.
         self._suspects: dict[int, list[tuple[int, int, int, bytes]]] = {}
+        self.corrupt_by_peer: dict[int, int] = {}
         if self.complete:
             self.stats.completed_at = now
 
@@ -153,9 +157,10 @@ class SwarmSession:
             "partials": len(self.picker.partials),
             "outstanding_blocks": len(self.picker.outstanding),
             "request_times": len(self.picker.requested_at),
-            "open_partials": len(self.picker.open_partials),
             "inflight_requests": sum(len(p.inflight) for p in self.peers.values()),
-            "credit_pieces": sum(len(p.credit_by_piece) for p in self.peers.values()),
+            "reservations": sum(len(p.reserved) for p in self.peers.values()),
+            "assigned_pieces": sum(len(v) for v in self.picker.assigned.values()),
+            "unassigned_pieces": len(self.picker.unassigned),
             "served_blocks": sum(len(p.served) for p in self.peers.values()),
             "avoid_lists": len(self.picker.avoid),
             "suspect_pieces": len(self._suspects),
@@ -212,8 +217,7 @@ class SwarmSession:
         p = self.peers.pop(peer, None)
         if p is None:
             return
-        for (index, begin) in list(p.inflight):
-            self.picker.request_dropped(index, begin, peer)
+        self.picker.peer_gone(peer)
         p.inflight.clear()
         if p.handshaken:
             self.picker.peer_lost(i for i in range(self.layout.num_pieces) if p.has[i])
@@ -231,6 +235,8 @@ class SwarmSession:
             return [(peer, Close("banned"))]
         if isinstance(msg, Handshake):
             return self._on_handshake(peer, msg, now)
+        if not isinstance(msg, _WIRE_TYPES):
+            raise ProtocolError("message", type(msg).__name__, "not a peer wire message")
         p = self.peers.get(peer)
         if p is None or not p.handshaken:
             raise HandshakeRequired("message", type(msg).__name__,
@@ -264,9 +270,7 @@ class SwarmSession:
         if isinstance(msg, Credit):
             p.their_credit = msg.credit
             return []
-        if isinstance(msg, KeepAlive):
-            return []
-        raise ProtocolError("message", type(msg).__name__, "not a peer wire message")
+        return []  # KeepAlive
 
     def _validate(self, msg: Message) -> None:
         """Check a message against the swarm before touching any state."""
@@ -284,6 +288,9 @@ class SwarmSession:
             self._check_block(msg.index, msg.begin, len(msg.block))
         elif isinstance(msg, Bitfield):
             decode_bits(msg.bits, self.layout.num_pieces)
+        elif isinstance(msg, Credit) and msg.credit < self.config.block_size:
+            raise CreditExceeded("credit", msg.credit,
+                                 f"must allow one block of {self.config.block_size} bytes")
 
     def _check_block(self, index: int, begin: int, length: int) -> None:
         plen = self.layout.piece_length(index)
@@ -429,21 +436,26 @@ class SwarmSession:
         p.note_received(length, now)
         others = self.picker.block_received(index, begin, msg.block, p.peer_id)
         out: list[Outgoing] = []
+        if (index, begin) in p.duplicates:
+            p.duplicates.discard((index, begin))
+            p.release(index, length)
         if others is None:
             p.counters.duplicate_blocks += 1
             self.stats.duplicate_blocks += 1
-            if self.have[index]:
-                p.piece_settled(index)
         else:
             for other in others:  # end game: the losers are cancelled
                 q = self.peers.get(other)
-                if q is not None and q.request_cancelled(index, begin, length):
+                if q is not None and q.request_done(index, begin, length):
+                    if (index, begin) in q.duplicates:
+                        q.duplicates.discard((index, begin))
+                        q.release(index, length)
                     self.stats.cancels_sent += 1
                     out.append(self._send(q, Cancel(index, begin, length), now))
             pp = self.picker.partials.get(index)
             if pp is not None and pp.complete:
                 out.extend(self._piece_complete(index, now))
-        out.extend(self._fill(p, now))
+        if self.peers.get(p.peer_id) is p:  # not banned on the way
+            out.extend(self._fill(p, now))
         return out
 
     def _piece_complete(self, index: int, now: float) -> list[Outgoing]:
@@ -461,7 +473,7 @@ class SwarmSession:
         if self.complete and self.stats.completed_at is None:
             self.stats.completed_at = now
         for q in list(self.peers.values()):
-            q.piece_settled(index)
+            q.release_piece(index)
             if q.handshaken:
                 out.append(self._send(q, Have(index), now))
                 if q.am_interested and not self.picker.wants_any(q.has):
@@ -496,11 +508,12 @@ class SwarmSession:
                 if pp.block_from[b] == pid:
                     out.append(self._send(q, Cancel(index, b * pp.block_size, pp.block_length(b)), now))
         for q in self.peers.values():
-            q.piece_settled(index)
+            q.release_piece(index)
         if len(givers) == 1:
             out.extend(self._blame(givers.pop(), now))
         else:
-            suspects = self._suspects.setdefault(index, [])
+            # Only the latest failure is kept: bounded, and enough to settle.
+            suspects = self._suspects[index] = []
             for b in range(pp.num_blocks):
                 lo = b * pp.block_size
                 digest = hashlib.sha256(pp.buffer[lo:lo + pp.block_length(b)]).digest()
@@ -516,11 +529,17 @@ class SwarmSession:
         return out
 
     def _blame(self, pid: int, now: float) -> list[Outgoing]:
+        """Count a corrupt piece against ``pid``; the count survives
+        reconnects, so a liar cannot reset it by dropping the connection."""
+        self.corrupt_by_peer[pid] = self.corrupt_by_peer.get(pid, 0) + 1
         q = self.peers.get(pid)
-        if q is None:
-            return []
-        q.counters.corrupt_pieces += 1
-        if q.counters.corrupt_pieces >= self.config.max_corrupt_pieces:
+        if q is not None:
+            q.counters.corrupt_pieces += 1
+        if self.corrupt_by_peer[pid] >= self.config.max_corrupt_pieces and pid not in self.banned:
+            if q is None:
+                self.banned.add(pid)
+                self.stats.bans += 1
+                return []
             return self.ban(pid, now, "served corrupt pieces")
         return []
 
@@ -539,11 +558,15 @@ class SwarmSession:
         cfg = self.config
         depth = p.pipeline_depth(cfg.block_size, cfg.request_queue_time,
                                  cfg.min_requests_per_peer, cfg.max_requests_per_peer)
-        max_blocks = depth - len(p.inflight)
-        max_bytes = cfg.credit_bytes - p.credit_used
-        picks = self.picker.pick(p.peer_id, p.has, max_blocks, max_bytes,
+        picks = self.picker.pick(p.peer_id, p.has, depth - len(p.inflight),
+                                 cfg.credit_bytes - p.reserved_total,
                                  end_game_ok=len(p.inflight) <= 1, now=now,
                                  end_game_delay=cfg.end_game_delay)
+        for index in picks.assigned:
+            p.reserve(index, self.layout.piece_length(index))
+        for index, begin, length in picks.duplicates:
+            p.reserve(index, length)
+            p.duplicates.add((index, begin))
         out = []
         for index, begin, length in picks:
             p.add_request(index, begin, length, now)
@@ -591,27 +614,51 @@ class SwarmSession:
         return out
 
     def _expire_requests(self, p: PeerState, now: float) -> list[Outgoing]:
+        """Requests unanswered for ``request_timeout``: take the piece away
+        from ``p`` (its received blocks stay) and let other peers finish it."""
         out: list[Outgoing] = []
         limit = now - self.config.request_timeout
         while p.inflight:
             (index, begin), sent_at = next(iter(p.inflight.items()))
             if sent_at > limit:
                 break
-            length = self.picker.block_length(index, begin)
-            p.request_cancelled(index, begin, length)
-            self.picker.request_dropped(index, begin, p.peer_id)
-            # Prefer someone else for this piece next time.
-            self.picker.avoid.setdefault(index, set()).add(p.peer_id)
             p.counters.timeouts += 1
             self.stats.timeouts += 1
             self.stats.retries += 1
-            out.append(self._send(p, Cancel(index, begin, length), now))
+            if (index, begin) in p.duplicates:   # an end-game copy: just drop it
+                length = self.picker.block_length(index, begin)
+                p.request_done(index, begin, length)
+                p.duplicates.discard((index, begin))
+                p.release(index, length)
+                self.picker.request_dropped(index, begin, p.peer_id)
+                out.append(self._send(p, Cancel(index, begin, length), now))
+                continue
+            out.extend(self._take_away(p, index, now))
         if out:
             p.timeout_streak += 1
-            # The freed blocks go to whichever peers have room now.
+            # The freed pieces go to whichever peers have room now.
             for q in self.peers.values():
                 if q is not p:
                     out.extend(self._fill(q, now))
+        return out
+
+    def _take_away(self, p: PeerState, index: int, now: float) -> list[Outgoing]:
+        """Unassign ``index`` from ``p``: cancel everything it was asked for
+        or gave (so its send ledger clears), free our reservation, and avoid
+        it for this piece while another holder exists."""
+        out: list[Outgoing] = []
+        pp = self.picker.partials.get(index)
+        dropped = self.picker.unassign(index, p.peer_id)
+        for begin, length in dropped:
+            p.request_done(index, begin, length)
+            out.append(self._send(p, Cancel(index, begin, length), now))
+        if pp is not None:
+            for b in range(pp.num_blocks):
+                if pp.block_from[b] == p.peer_id:
+                    out.append(self._send(p, Cancel(index, b * pp.block_size,
+                                                    pp.block_length(b)), now))
+        p.release_piece(index)
+        self.picker.avoid.setdefault(index, set()).add(p.peer_id)
         return out
 
     def _rotate_unchokes(self, now: float) -> list[Outgoing]:

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from ..core.messages import Handshake, Message, Piece, message_size
+from ..core.messages import Message, Piece, message_size
 from ..core.session import Close, SwarmSession
 from ..errors import BitTorrentError, HandshakeRequired
 
@@ -52,14 +52,14 @@ class Faults:
 
 
 @dataclass
-class PeerLink:
-    session: SwarmSession
+class Link:
+    """One peer's access link and what has crossed it."""
+
     profile: LinkProfile
     up_free: float = 0.0
     down_free: float = 0.0
     wire_up: int = 0
     wire_down: int = 0
-    completed_at: Optional[float] = None
 
 
 @dataclass
@@ -80,31 +80,154 @@ class SimResult:
         return self.events / self.wall_time if self.wall_time > 0 else float("inf")
 
 
-_DELIVER, _ARRIVE, _TICK, _ACTION = 0, 1, 2, 3
+_DELIVER, _ARRIVE, _ACTION = 0, 1, 2
+
+
+class VirtualNetwork:
+    """Virtual clock, links and faults: moves opaque payloads between peers.
+
+    ``send`` charges the sender's uplink, the latency and the receiver's
+    downlink, then calls ``on_deliver(src, dst, payload)`` at the virtual
+    delivery time.  Hosts (the session simulator below, the FederatedScope
+    standalone runner) decide what a payload is and what delivery means.
+    """
+
+    def __init__(self, on_deliver: Callable[[int, int, object], None], seed: int = 0,
+                 faults: Faults = Faults(),
+                 corrupt: Optional[Callable[[object, random.Random], object]] = None) -> None:
+        self.on_deliver = on_deliver
+        self.rng = random.Random(seed)
+        self.faults = faults
+        self.corrupt = corrupt
+        self.links: dict[int, Link] = {}
+        self.now = 0.0
+        self.events = 0
+        self._queue: list = []
+        self._seq = 0
+        self.in_flight = 0
+        self._closed_pairs: set[tuple[int, int]] = set()
+        self.fault_counts = {"dropped": 0, "duplicated": 0, "reordered": 0, "corrupted": 0,
+                             "disconnects": 0}
+
+    def add_link(self, pid: int, profile: LinkProfile) -> None:
+        self.links[pid] = Link(profile)
+
+    def schedule(self, at: float, fn: Callable[[], None]) -> None:
+        """Run ``fn`` at virtual time ``at`` (timers, fault scripts, deadlines)."""
+        self._seq += 1
+        heapq.heappush(self._queue, (max(at, self.now), self._seq, _ACTION, fn))
+
+    def close_pair(self, a: int, b: int) -> bool:
+        """Mark the a-b connection closed; False if it already was."""
+        if (a, b) in self._closed_pairs:
+            return False
+        self._closed_pairs.add((a, b))
+        self._closed_pairs.add((b, a))
+        return True
+
+    def open_pair(self, a: int, b: int) -> None:
+        self._closed_pairs.discard((a, b))
+        self._closed_pairs.discard((b, a))
+
+    def is_closed(self, a: int, b: int) -> bool:
+        return (a, b) in self._closed_pairs
+
+    def send(self, src: int, dst: int, payload: object, size: int) -> None:
+        if (src, dst) in self._closed_pairs or dst not in self.links:
+            return
+        f = self.faults
+        copies = 1
+        if f.any:
+            if f.drop and self.rng.random() < f.drop:
+                self.fault_counts["dropped"] += 1
+                return
+            if f.duplicate and self.rng.random() < f.duplicate:
+                self.fault_counts["duplicated"] += 1
+                copies = 2
+            if f.corrupt and self.corrupt is not None and self.rng.random() < f.corrupt:
+                changed = self.corrupt(payload, self.rng)
+                if changed is not None:
+                    self.fault_counts["corrupted"] += 1
+                    payload = changed
+        s = self.links[src]
+        for _ in range(copies):
+            s.up_free = max(self.now, s.up_free) + size / s.profile.up
+            s.wire_up += size
+            arrive = s.up_free + s.profile.latency
+            if f.reorder and self.rng.random() < f.reorder:
+                self.fault_counts["reordered"] += 1
+                arrive += self.rng.random() * f.reorder_delay
+            self.in_flight += 1
+            self._seq += 1
+            heapq.heappush(self._queue, (arrive, self._seq, _ARRIVE, (src, dst, payload, size)))
+
+    def next_time(self) -> Optional[float]:
+        return self._queue[0][0] if self._queue else None
+
+    def step(self) -> bool:
+        """Process the next event; False when there is none."""
+        if not self._queue:
+            return False
+        at, _, kind, payload = heapq.heappop(self._queue)
+        self.now = at
+        self.events += 1
+        if kind == _ARRIVE:
+            d = self.links[payload[1]]
+            d.down_free = max(at, d.down_free) + payload[3] / d.profile.down
+            self._seq += 1
+            heapq.heappush(self._queue, (d.down_free, self._seq, _DELIVER, payload))
+        elif kind == _DELIVER:
+            self.in_flight -= 1
+            src, dst, msg, size = payload
+            if (src, dst) not in self._closed_pairs:
+                self.links[dst].wire_down += size
+                self.on_deliver(src, dst, msg)
+        else:
+            payload()
+        return True
+
+
+def _corrupt_piece(msg: object, rng: random.Random) -> Optional[object]:
+    """Flip one byte of a piece block (other messages pass untouched)."""
+    if not isinstance(msg, Piece) or not len(msg.block):
+        return None
+    block = bytearray(msg.block)
+    block[rng.randrange(len(block))] ^= 0xFF
+    return Piece(msg.index, msg.begin, bytes(block))
+
+
+@dataclass
+class PeerLink:
+    session: SwarmSession
+    link: Link
 
 
 class SimNetwork:
+    """Drives ``SwarmSession`` objects over a ``VirtualNetwork``."""
+
     def __init__(self, seed: int = 0, faults: Faults = Faults(), encode: bool = False,
                  tick_interval: float = 0.5) -> None:
-        self.rng = random.Random(seed)
+        self.net = VirtualNetwork(self._deliver, seed=seed, faults=faults,
+                                  corrupt=_corrupt_piece)
         self.faults = faults
         self.encode = encode
         self.tick_interval = tick_interval
         self.peers: dict[int, PeerLink] = {}
-        self.now = 0.0
-        self._queue: list = []
-        self._seq = 0
-        self._in_flight = 0
-        self._closed_pairs: set[tuple[int, int]] = set()
-        self.fault_counts = {"dropped": 0, "duplicated": 0, "reordered": 0, "corrupted": 0,
-                             "disconnects": 0}
         self.protocol_errors = 0
-        self.events = 0
         self.on_error: Optional[Callable[[int, int, Exception], None]] = None
+
+    @property
+    def now(self) -> float:
+        return self.net.now
+
+    @property
+    def fault_counts(self) -> dict[str, int]:
+        return self.net.fault_counts
 
     # ---- set-up ------------------------------------------------------------------
     def add_peer(self, session: SwarmSession, profile: LinkProfile = LinkProfile()) -> None:
-        self.peers[session.peer_id] = PeerLink(session, profile)
+        self.net.add_link(session.peer_id, profile)
+        self.peers[session.peer_id] = PeerLink(session, self.net.links[session.peer_id])
 
     def connect_all(self, topology: Optional[dict[int, list[int]]] = None) -> None:
         """Open connections (full mesh unless a neighbour list is given)."""
@@ -116,77 +239,39 @@ class SimNetwork:
                     self._emit(a, self.peers[a].session.connect(b, self.now))
 
     def schedule(self, at: float, fn: Callable[[], None]) -> None:
-        """Run ``fn`` at virtual time ``at`` (fault scripts, deadlines)."""
-        self._push(at, _ACTION, fn)
+        self.net.schedule(at, fn)
 
     def disconnect(self, a: int, b: int, reconnect_after: Optional[float] = None) -> None:
         """Cut the a-b connection now; optionally reconnect later."""
-        self.fault_counts["disconnects"] += 1
-        self._closed_pairs.add((a, b))
-        self._closed_pairs.add((b, a))
+        self.net.fault_counts["disconnects"] += 1
+        self.net.close_pair(a, b)
         self.peers[a].session.peer_lost(b, self.now)
         self.peers[b].session.peer_lost(a, self.now)
         if reconnect_after is not None:
             def reopen() -> None:
-                self._closed_pairs.discard((a, b))
-                self._closed_pairs.discard((b, a))
+                self.net.open_pair(a, b)
                 self._emit(a, self.peers[a].session.connect(b, self.now))
             self.schedule(self.now + reconnect_after, reopen)
 
-    # ---- event plumbing ------------------------------------------------------------
-    def _push(self, at: float, kind: int, payload) -> None:
-        self._seq += 1
-        heapq.heappush(self._queue, (at, self._seq, kind, payload))
-
+    # ---- plumbing ------------------------------------------------------------------
     def _emit(self, src: int, outgoing) -> None:
         for dst, msg in outgoing:
             if isinstance(msg, Close):
-                self._close(src, dst, msg.reason)
+                self._close(src, dst)
             else:
-                self._send(src, dst, msg)
+                payload = msg
+                if self.encode:
+                    from ..core.codec import encode
+                    payload = encode(msg)
+                self.net.send(src, dst, payload, message_size(msg))
 
-    def _close(self, src: int, dst: int, reason: str) -> None:
-        if (src, dst) in self._closed_pairs:
+    def _close(self, src: int, dst: int) -> None:
+        if not self.net.close_pair(src, dst):
             return
-        self._closed_pairs.add((src, dst))
-        self._closed_pairs.add((dst, src))
         link = self.peers.get(dst)
         if link is not None:
-            latency = self.peers[src].profile.latency
+            latency = self.peers[src].link.profile.latency
             self.schedule(self.now + latency, lambda: link.session.peer_lost(src, self.now))
-
-    def _send(self, src: int, dst: int, msg: Message) -> None:
-        if (src, dst) in self._closed_pairs or dst not in self.peers:
-            return
-        f = self.faults
-        copies = 1
-        if f.any:
-            if f.drop and self.rng.random() < f.drop:
-                self.fault_counts["dropped"] += 1
-                return
-            if f.duplicate and self.rng.random() < f.duplicate:
-                self.fault_counts["duplicated"] += 1
-                copies = 2
-            if f.corrupt and isinstance(msg, Piece) and self.rng.random() < f.corrupt:
-                self.fault_counts["corrupted"] += 1
-                block = bytearray(msg.block)
-                block[self.rng.randrange(len(block))] ^= 0xFF
-                msg = Piece(msg.index, msg.begin, bytes(block))
-        payload = msg
-        if self.encode:
-            from ..core.codec import encode
-            payload = encode(msg)
-        size = message_size(msg)
-        s = self.peers[src]
-        for _ in range(copies):
-            s.up_free = max(self.now, s.up_free) + size / s.profile.up
-            s.wire_up += size
-            arrive = s.up_free + s.profile.latency
-            if f.reorder and self.rng.random() < f.reorder:
-                self.fault_counts["reordered"] += 1
-                arrive += self.rng.random() * f.reorder_delay
-            self._in_flight += 1
-            self._push(arrive, _ARRIVE, (src, dst, payload, size))
 
     def _decode(self, dst: int, payload):
         from ..core.codec import WireLimits, decode_handshake, decode_message
@@ -199,53 +284,41 @@ class SimNetwork:
         return decode_message(memoryview(payload)[4:], limits)
 
     # ---- running -----------------------------------------------------------------
+    def _tick(self, pid: int) -> None:
+        link = self.peers[pid]
+        if not link.session.closed:
+            self._emit(pid, link.session.tick(self.now))
+        if not self._done():
+            self.schedule(self.now + self.tick_interval, lambda: self._tick(pid))
+
     def run(self, until: Optional[float] = None, deadline: Optional[float] = None,
             max_events: int = 50_000_000) -> SimResult:
         """Run until every session holds every piece and the wire is quiet,
         or until virtual time ``until``.  At ``deadline`` every session that
         is not complete is closed (partial completion)."""
         wall0 = time.perf_counter()
+        net = self.net
         for pid in sorted(self.peers):
-            self._push(self.now + self.tick_interval, _TICK, pid)
+            net.schedule(net.now + self.tick_interval, lambda pid=pid: self._tick(pid))
         if deadline is not None:
-            self.schedule(deadline, self._deadline)
-        queue = self._queue
-        while queue and self.events < max_events:
-            at, _, kind, payload = heapq.heappop(queue)
-            if until is not None and at > until:
-                heapq.heappush(queue, (at, 0, kind, payload))
+            net.schedule(deadline, self._deadline)
+        while net.events < max_events:
+            nxt = net.next_time()
+            if nxt is None or (until is not None and nxt > until):
                 break
-            self.now = at
-            self.events += 1
-            if kind == _ARRIVE:
-                src, dst, msg, size = payload
-                d = self.peers[dst]
-                d.down_free = max(at, d.down_free) + size / d.profile.down
-                self._push(d.down_free, _DELIVER, payload)
-            elif kind == _DELIVER:
-                self._in_flight -= 1
-                self._deliver(*payload)
-            elif kind == _TICK:
-                link = self.peers[payload]
-                if not link.session.closed:
-                    self._emit(payload, link.session.tick(at))
-                if self._done():
-                    continue
-                self._push(at + self.tick_interval, _TICK, payload)
-            else:
-                payload()
-            if self._in_flight == 0 and self._done():
+            net.step()
+            if net.in_flight == 0 and self._done():
                 break
         wall = time.perf_counter() - wall0
         sessions = {pid: l.session for pid, l in self.peers.items()}
         return SimResult(
-            virtual_time=self.now, wall_time=wall, events=self.events,
+            virtual_time=net.now, wall_time=wall, events=net.events,
             complete=all(s.complete for s in sessions.values()),
             completion={pid: s.completion() for pid, s in sessions.items()},
             completed_at={pid: s.stats.completed_at for pid, s in sessions.items()},
-            wire_up={pid: l.wire_up for pid, l in self.peers.items()},
-            wire_down={pid: l.wire_down for pid, l in self.peers.items()},
-            faults=dict(self.fault_counts), protocol_errors=self.protocol_errors)
+            wire_up={pid: l.link.wire_up for pid, l in self.peers.items()},
+            wire_down={pid: l.link.wire_down for pid, l in self.peers.items()},
+            faults=dict(net.fault_counts), protocol_errors=self.protocol_errors)
 
     def _done(self) -> bool:
         return all(l.session.complete or l.session.closed for l in self.peers.values())
@@ -255,11 +328,8 @@ class SimNetwork:
             if not link.session.complete:
                 self._emit(pid, link.session.deadline(self.now))
 
-    def _deliver(self, src: int, dst: int, payload, size: int) -> None:
-        if (src, dst) in self._closed_pairs:
-            return
+    def _deliver(self, src: int, dst: int, payload) -> None:
         d = self.peers[dst]
-        d.wire_down += size
         try:
             msg = self._decode(dst, payload) if self.encode else payload
             out = d.session.handle(src, msg, self.now)
