@@ -7,6 +7,7 @@ from typing import Optional
 USAGE = """usage: fs-bittorrent COMMAND [ARGS]
 
 commands:
+  run       run a FederatedScope experiment with the plugin (--cfg X.yaml [KEY VALUE ...])
   demo      swarm real model weights on the simulated network and verify them
 """
 
@@ -17,6 +18,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(USAGE)
         return 0
     cmd, rest = argv[0], argv[1:]
+    if cmd == "run":
+        from .fs.entry import main as run_main
+        return run_main(rest)
     if cmd == "demo":
         from .demo import main as demo_main
         return demo_main(rest)

@@ -37,11 +37,13 @@ def _layout_key(m: Manifest) -> list[tuple[str, str, tuple[int, ...]]]:
 
 
 def coverage_fedavg(contributions: Sequence[Contribution],
-                    fallback: Optional[Mapping[str, torch.Tensor]] = None) -> AggregateResult:
+                    fallback: Optional[Mapping[str, torch.Tensor]] = None,
+                    verify: bool = True) -> AggregateResult:
     """Weighted average of the contributions, by coverage.
 
     ``fallback`` supplies values for elements no one delivered; without it
-    they are zero (and reported in ``coverage``).
+    they are zero (and reported in ``coverage``).  ``verify=False`` skips
+    re-hashing pieces that come from a store which verified them on entry.
     """
     if not contributions:
         raise ManifestError("contributions", [], "nothing to aggregate")
@@ -59,7 +61,7 @@ def coverage_fedavg(contributions: Sequence[Contribution],
             continue
         used.append(m.owner)
         w = float(m.sample_count)
-        for name, (values, mask) in partial_state_dict(m, pieces).items():
+        for name, (values, mask) in partial_state_dict(m, pieces, verify=verify).items():
             wm = mask.to(torch.float64) * w
             contrib = values.to(torch.float64) * wm
             if name in acc:

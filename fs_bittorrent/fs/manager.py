@@ -1,0 +1,448 @@
+"""``BitTorrentManager``: the FS-facing adapter around the sans-IO engine.
+
+One manager sits beside each FederatedScope worker.  It registers the
+handlers for the nine BitTorrent messages (plus handshake, keep-alive,
+credit) and the control messages on the worker, and it hooks the worker's
+outgoing messages so FS's own training flow keeps working unchanged:
+
+client side
+  * FS's ``model_para`` upload to the server becomes a manifest: the trained
+    ``state_dict`` is cut into pieces kept in the piece store, and only the
+    manifest goes to the server;
+  * on ``bt_start`` the client swarms with its neighbours, reports
+    completion (tagged with the round), aggregates FedAvg from the pieces
+    it holds, and keeps seeding until ``bt_round_end``.
+server side
+  * a ``model_para`` broadcast opens a round in the ``RoundCoordinator``
+    (after round 0 the broadcast carries no weights: clients hold them);
+  * manifests and reports feed the coordinator; its actions start the
+    exchange or end the round, which then runs FS's own ``check_and_move_on``
+    (evaluation, next round, termination);
+  * ``evaluate`` and ``finish`` carry no weights either, so a client's
+    aggregate is what FS evaluates.
+
+Time and transport come from the host (``Scheduler``, ``PeerTransport``):
+the standalone runner's virtual clock and network, or the distributed
+worker loop and data plane.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import secrets
+from typing import Any, Callable, Optional, Protocol
+
+import torch
+
+from ..core.aggregate import coverage_fedavg
+from ..core.coordinator import CompletionReport, RoundCoordinator, RoundEnd, StartExchange
+from ..core.layout import SwarmLayout
+from ..core.messages import Message as PeerMessage
+from ..core.pieces import make_model_manifest
+from ..core.session import Close, SwarmSession
+from ..errors import BitTorrentError, HandshakeRequired
+from ..sim.swarm import lower_bound
+from . import wire
+
+log = logging.getLogger(__name__)
+
+
+class Scheduler(Protocol):
+    def now(self) -> float: ...
+    def call_at(self, at: float, fn: Callable[[], None]) -> None: ...
+
+
+class PeerTransport(Protocol):
+    def send_peer(self, src: int, dst: int, round_idx: int, msg: PeerMessage) -> None: ...
+    def close_peer(self, src: int, dst: int, round_idx: int) -> None: ...
+
+
+def _fs_message():
+    from federatedscope.core.message import Message
+    return Message
+
+
+class BitTorrentManager:
+    """Common part: settings, the worker, and the hook on its sends."""
+
+    def __init__(self, worker: Any, settings: Any) -> None:
+        self.worker = worker
+        self.settings = settings
+        self.scheduler: Optional[Scheduler] = None
+        self.stale_messages = 0
+        self.protocol_errors = 0
+        self._send = worker.comm_manager.send
+        worker.comm_manager.send = self._outgoing
+
+    def _outgoing(self, message: Any) -> None:
+        self._send(message)
+
+    def now(self) -> float:
+        if self.scheduler is None:
+            raise RuntimeError("BitTorrentManager used before a host attached a scheduler")
+        return self.scheduler.now()
+
+    def _message(self, msg_type: str, receiver: list[int], state: int, content: Any) -> Any:
+        return _fs_message()(msg_type=msg_type, sender=self.worker.ID, receiver=receiver,
+                             state=state, timestamp=getattr(self.worker, "cur_timestamp", 0),
+                             content=content)
+
+
+class ClientManager(BitTorrentManager):
+    """Client side: manifests out, swarm, aggregate, report."""
+
+    def __init__(self, worker: Any, settings: Any) -> None:
+        super().__init__(worker, settings)
+        self.transport: Optional[PeerTransport] = None
+        self.store = None
+        self.round = -1
+        self.session: Optional[SwarmSession] = None
+        self.layout: Optional[SwarmLayout] = None
+        self.started_at = 0.0
+        self.reported = False
+        self.aggregated = False
+        self.prev_global: Optional[dict] = None
+        self.local_model: Optional[dict] = None
+        self.history: list[dict] = []
+        self.aggregate_cache: Optional[dict] = None  # shared by in-process clients
+        for name in wire.PEER_MSG_NAMES:
+            worker.register_handlers(name, self.on_peer_message)
+        worker.register_handlers(wire.MSG_START, self.on_start)
+        worker.register_handlers(wire.MSG_ROUND_END, self.on_round_end)
+
+    def attach(self, scheduler: Scheduler, transport: PeerTransport, store: Any,
+               aggregate_cache: Optional[dict] = None) -> None:
+        self.scheduler, self.transport, self.store = scheduler, transport, store
+        self.aggregate_cache = aggregate_cache
+
+    # ---- training side -----------------------------------------------------------
+    def before_training(self, content: Any) -> Any:
+        """Called with the incoming ``model_para`` content.  Round 0 brings
+        the initial global model; later rounds bring None (the client already
+        holds the aggregate), replaced by the current parameters."""
+        if content is None:
+            content = self.worker.trainer.get_model_para()
+        self.prev_global = {k: v.detach().clone() for k, v in content.items()}
+        return content
+
+    def _outgoing(self, message: Any) -> None:
+        if message.msg_type == "model_para" and message.receiver == [self.worker.server_id]:
+            self._publish(message)
+            return
+        self._send(message)
+
+    def _publish(self, message: Any) -> None:
+        """Replace a weight upload by a manifest; the pieces stay here."""
+        sample_size, params = message.content
+        if not isinstance(params, dict):
+            raise BitTorrentError("model_para", type(params).__name__,
+                                  "fs_bittorrent exchanges one state_dict per client")
+        round_idx = message.state
+        self.local_model = {k: v.detach().cpu().clone() for k, v in params.items()}
+        manifest, pieces = make_model_manifest(self.local_model, owner=self.worker.ID,
+                                               round=round_idx, sample_count=int(sample_size),
+                                               piece_size=self.settings.piece_size)
+        self.store.put_manifest(manifest)
+        for k, data in enumerate(pieces):
+            self.store.put_piece(round_idx, self.worker.ID, k, self.worker.ID, data,
+                                 manifest.piece_hashes[k])
+        self.store.flush()
+        self._send(self._message(wire.MSG_MANIFEST, [self.worker.server_id], round_idx,
+                                 wire.pack_manifest(round_idx, manifest)))
+
+    # ---- exchange ----------------------------------------------------------------
+    def on_start(self, message: Any) -> None:
+        try:
+            round_idx, manifests, neighbours, timeout, secret = wire.unpack_start(message.content)
+        except BitTorrentError as exc:
+            self.protocol_errors += 1
+            log.error("client %s: bad %s: %s", self.worker.ID, wire.MSG_START, exc)
+            return
+        if self.session is not None and not self.session.closed:
+            self.session.close(self.now(), "superseded")
+        me = self.worker.ID
+        for m in manifests:
+            if m.owner != me:
+                self.store.put_manifest(m)
+        self.round = round_idx
+        self.layout = SwarmLayout(tuple(manifests), experiment=experiment_name(self.worker._cfg))
+        storage = self.store.holder_view(round_idx, me)
+        now = self.now()
+        self.session = SwarmSession(me, self.layout, storage, self.settings.swarm_config(),
+                                    secret=secret.encode(), now=now)
+        self.started_at = now
+        self.reported = self.aggregated = False
+        self.store.begin_session(round_idx, me, now=now)
+        for peer in neighbours.get(me, []):
+            if peer > me:  # one side opens each connection
+                self._emit(self.session.connect(peer, now))
+        session = self.session
+        self.scheduler.call_at(now + timeout, lambda: self._deadline(session))
+        self.scheduler.call_at(now + self.settings.tick_interval, lambda: self._tick(session))
+        self._check_done()
+
+    def on_peer_message(self, message: Any) -> None:
+        session = self.session
+        if session is None or message.state != self.round or session.closed:
+            self.stale_messages += 1
+            log.debug("client %s: dropping %s for round %s (current %s)", self.worker.ID,
+                      message.msg_type, message.state, self.round)
+            return
+        try:
+            out = session.handle(message.sender, message.content, self.now())
+        except BitTorrentError as exc:
+            self.protocol_errors += 1
+            level = logging.DEBUG if isinstance(exc, HandshakeRequired) else logging.WARNING
+            log.log(level, "client %s: from peer %s: %s", self.worker.ID, message.sender, exc)
+            if not isinstance(exc, HandshakeRequired):
+                session.peer_lost(message.sender, self.now())
+                self.transport.close_peer(self.worker.ID, message.sender, self.round)
+            return
+        self._emit(out)
+        self._check_done()
+
+    def peer_closed(self, peer: int, round_idx: int) -> None:
+        """The host lost round ``round_idx``'s connection to ``peer``."""
+        if self.session is not None and round_idx == self.round:
+            self.session.peer_lost(peer, self.now())
+
+    def _emit(self, outgoing: list) -> None:
+        for dst, msg in outgoing:
+            if isinstance(msg, Close):
+                self.transport.close_peer(self.worker.ID, dst, self.round)
+            else:
+                self.transport.send_peer(self.worker.ID, dst, self.round, msg)
+
+    def _tick(self, session: SwarmSession) -> None:
+        if session is not self.session or session.closed:
+            return
+        self._emit(session.tick(self.now()))
+        self._check_done()
+        self.scheduler.call_at(self.now() + self.settings.tick_interval,
+                               lambda: self._tick(session))
+
+    def _deadline(self, session: SwarmSession) -> None:
+        if session is not self.session or session.closed or session.complete:
+            return
+        log.info("client %s: round %s exchange deadline with %d/%d pieces", self.worker.ID,
+                 self.round, session.pieces_have, self.layout.num_pieces)
+        self._emit(session.deadline(self.now()))
+        self._finish_exchange("deadline")
+
+    def _check_done(self) -> None:
+        if self.session is not None and self.session.complete and not self.reported:
+            self._finish_exchange("complete")
+
+    def _finish_exchange(self, reason: str) -> None:
+        if self.aggregated:
+            return
+        self._aggregate()
+        s = self.session
+        now = self.now()
+        report = CompletionReport(self.round, s.complete, s.pieces_have, self.layout.num_pieces,
+                                  s.stats.bytes_up, s.stats.bytes_down, now - self.started_at,
+                                  reason)
+        self.reported = True
+        self._send(self._message(wire.MSG_REPORT, [self.worker.server_id], self.round,
+                                 wire.pack_report(report)))
+
+    def _aggregate(self) -> None:
+        """FedAvg over the held pieces, by coverage; load it into the model."""
+        self.aggregated = True
+        held = self.session.held_by_owner()
+        key = (self.round, tuple(sorted((o, tuple(sorted(ix))) for o, ix in held.items())))
+        result = self.aggregate_cache.get(key) if self.aggregate_cache is not None else None
+        if result is None:
+            view = self.store.holder_view(self.round, self.worker.ID)
+            contributions = [(self.layout.manifest(o), {k: view.get(o, k) for k in ix})
+                             for o, ix in held.items() if ix]
+            policy = self.settings.missing_policy
+            fallback = self.local_model if policy == "local" else self.prev_global
+            result = coverage_fedavg(contributions, fallback=fallback, verify=False)
+            if self.aggregate_cache is not None:
+                self.aggregate_cache.clear()  # one round's entry at a time
+                self.aggregate_cache[key] = result
+        if not result.complete:
+            log.warning("client %s: round %s aggregate covers %.1f%% of the model; the rest "
+                        "follows missing_policy=%s", self.worker.ID, self.round,
+                        100 * result.covered_fraction, self.settings.missing_policy)
+        params = {k: v.clone() for k, v in result.state_dict.items()}
+        self.worker.trainer.update(params, strict=False)
+        self.last_aggregate = result
+
+    def on_round_end(self, message: Any) -> None:
+        r = message.content.get("round") if isinstance(message.content, dict) else None
+        if r != self.round or self.session is None:
+            self.stale_messages += 1
+            return
+        s = self.session
+        now = self.now()
+        if not s.closed:
+            if not s.complete:
+                self._emit(s.deadline(now))
+                self._finish_exchange("round end")
+            else:
+                self._emit(s.close(now, "round end"))
+        self.store.update_session(self.round, self.worker.ID, bytes_up=s.stats.bytes_up,
+                                  bytes_down=s.stats.bytes_down,
+                                  pieces_received=s.stats.pieces_received)
+        self.store.finish_session(self.round, self.worker.ID,
+                                  "complete" if s.complete else "partial", now=now)
+        self.store.flush()
+
+
+class ServerManager(BitTorrentManager):
+    """Server side: relay manifests, run the round state machine."""
+
+    def __init__(self, worker: Any, settings: Any) -> None:
+        super().__init__(worker, settings)
+        self.coordinator = RoundCoordinator(settings.timeout, settings.min_completion_ratio,
+                                            settings.insufficient_policy,
+                                            report_grace=2 * settings.tick_interval)
+        self.secret = settings.secret or secrets.token_hex(16)
+        self.links: dict = {}
+        self.round_stats: list[dict] = []
+        self._owners: list[int] = []
+        self._sample_sizes: dict[int, int] = {}
+        self._exchange_started = 0.0
+        worker.register_handlers(wire.MSG_MANIFEST, self.on_manifest)
+        worker.register_handlers(wire.MSG_REPORT, self.on_report)
+
+    def attach(self, scheduler: Scheduler, links: Optional[dict] = None) -> None:
+        self.scheduler = scheduler
+        self.links = links or {}
+
+    def clients(self) -> list[int]:
+        return sorted(self.worker.comm_manager.neighbors.keys())
+
+    def _outgoing(self, message: Any) -> None:
+        w = self.worker
+        if message.msg_type == "model_para":
+            receivers = message.receiver if isinstance(message.receiver, list) \
+                else [message.receiver]
+            self._owners = sorted(receivers)
+            self.coordinator.begin_round(message.state, receivers, self.clients(), self.now())
+            self._arm_timer()
+            if message.state > 0:
+                message.content = None  # clients already hold the aggregate
+        elif message.msg_type in ("evaluate", "finish"):
+            message.content = None      # evaluate / keep each client's own aggregate
+        self._send(message)
+
+    def on_manifest(self, message: Any) -> None:
+        try:
+            round_idx, manifest = wire.unpack_manifest(message.content)
+            actions = self.coordinator.on_manifest(message.sender, round_idx, manifest, self.now())
+        except BitTorrentError as exc:
+            self.protocol_errors += 1
+            log.error("server: bad manifest from client %s: %s", message.sender, exc)
+            return
+        self._sample_sizes[message.sender] = manifest.sample_count
+        self._act(actions)
+
+    def on_report(self, message: Any) -> None:
+        try:
+            report = wire.unpack_report(message.content)
+            actions = self.coordinator.on_report(message.sender, report, self.now())
+        except BitTorrentError as exc:
+            self.protocol_errors += 1
+            log.error("server: bad report from client %s: %s", message.sender, exc)
+            return
+        self._act(actions)
+
+    def poll(self) -> None:
+        self._act(self.coordinator.poll(self.now()))
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        at = self.coordinator.next_deadline()
+        if at is not None:
+            self.scheduler.call_at(at, self.poll)
+
+    def _act(self, actions: list) -> None:
+        for action in actions:
+            if isinstance(action, StartExchange):
+                self._start(action)
+            elif isinstance(action, RoundEnd):
+                self._end(action)
+        self._arm_timer()
+
+    def _start(self, a: StartExchange) -> None:
+        neighbours = self.settings.neighbours(list(a.participants))
+        self._exchange_started = self.now()
+        log.info("server: round %s: exchanging %d manifests among %d clients", a.round,
+                 len(a.manifests), len(a.participants))
+        self._manifest_sizes = {m.owner: m.total_size for m in a.manifests}
+        self._send(self._message(wire.MSG_START, list(a.participants), a.round,
+                                 wire.pack_start(a.round, a.manifests, neighbours, a.timeout,
+                                                 self.secret)))
+
+    def _end(self, e: RoundEnd) -> None:
+        w = self.worker
+        self._send(self._message(wire.MSG_ROUND_END, list(e.participants), e.round,
+                                 {"round": e.round}))
+        stats = self._round_stats(e)
+        self.round_stats.append(stats)
+        log.info("server: round %s exchange %s: %.3fs (%s), completion %.2f, T_LB %s, eta %s",
+                 e.round, e.reason, stats["exchange_time"], stats["clock"],
+                 stats["completion_ratio"], _fmt(stats["t_lb"]), _fmt(stats["eta"]))
+        self._write_stats(stats)
+        if e.abort:
+            log.error("server: round %s aborted (%s); terminating", e.round, e.reason)
+            w.terminate(msg_type="finish")
+            w.state = w.total_round_num + 1
+            return
+        # Hand the round back to FS: its buffer gets the owners, then FS's own
+        # check_and_move_on evaluates and starts the next round (or finishes).
+        for cid in self._owners:
+            w.sampler.change_state(cid, "idle")
+        w.msg_buffer["train"].setdefault(w.state, {})
+        for cid in e.owners:
+            w.msg_buffer["train"][w.state][cid] = (self._sample_sizes.get(cid, 0), None)
+        need = w.sample_client_num
+        for cid in self._owners:
+            if len(w.msg_buffer["train"][w.state]) >= need:
+                break
+            w.msg_buffer["train"][w.state].setdefault(cid, (0, None))
+        w.check_and_move_on()
+
+    def _round_stats(self, e: RoundEnd) -> dict:
+        sizes = getattr(self, "_manifest_sizes", {})
+        completion_time = max((r.exchange_time for r in e.reports.values() if r.complete),
+                              default=e.exchange_time)
+        exchange_time = completion_time if e.reason == "complete" else e.exchange_time
+        t_lb = None
+        if self.links and sizes and all(c in self.links for c in e.participants):
+            shares = {c: sizes.get(c, 0) for c in e.participants}
+            t_lb = lower_bound(shares, {c: self.links[c] for c in e.participants})
+        return {
+            "round": e.round, "reason": e.reason, "clock": "virtual" if self.links else "wall",
+            "exchange_time": exchange_time,
+            "completion_ratio": e.completion_ratio,
+            "completion": {str(c): r.completion for c, r in sorted(e.reports.items())},
+            "bytes_up": {str(c): r.bytes_up for c, r in sorted(e.reports.items())},
+            "bytes_down": {str(c): r.bytes_down for c, r in sorted(e.reports.items())},
+            "model_bytes": sum(sizes.values()),
+            "t_lb": t_lb,
+            "eta": (t_lb / exchange_time) if t_lb and exchange_time > 0 else None,
+        }
+
+    def _write_stats(self, stats: dict) -> None:
+        outdir = getattr(self.worker._cfg, "outdir", None)
+        if not outdir:
+            return
+        os.makedirs(outdir, exist_ok=True)
+        with open(os.path.join(outdir, "bittorrent_rounds.jsonl"), "a") as f:
+            f.write(json.dumps(stats) + "\n")
+
+
+def experiment_name(cfg: Any) -> str:
+    """What the swarm id binds besides round and manifests: every process of
+    one experiment reads the same YAML, so they agree on it."""
+    return f"fs_bittorrent:{getattr(cfg, 'expname', '') or 'default'}"
+
+
+def _fmt(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{x:.3f}"

@@ -1,0 +1,56 @@
+"""Client and server classes for ``bittorrent.enable: True``.
+
+Users keep their ``federate.method``: the plugin takes whatever client and
+server classes FederatedScope would pick for it and derives BitTorrent
+variants (a mixin each), so the method's own behaviour stays.  The mixins
+only attach a ``BitTorrentManager`` and adjust the two places where FS
+assumes the server holds the weights.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+from .config import BitTorrentSettings
+from .manager import ClientManager, ServerManager
+
+log = logging.getLogger(__name__)
+
+
+class BitTorrentClientMixin:
+    """Trains as FS does; exchanges the result peer to peer."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # FS builds a bare instance (no config) to list handlers: no manager then.
+        self.bt = ClientManager(self, BitTorrentSettings.from_cfg(self._cfg)) \
+            if self._cfg is not None else None
+
+    def callback_funcs_for_model_para(self, message: Any) -> Any:
+        # In standalone mode one broadcast object reaches every client:
+        # never mutate it, work on a shallow copy.
+        msg = copy.copy(message)
+        msg.content = self.bt.before_training(message.content)
+        return super().callback_funcs_for_model_para(msg)
+
+
+class BitTorrentServerMixin:
+    """Coordinates rounds; never sees a weight after round 0."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.bt = ServerManager(self, BitTorrentSettings.from_cfg(self._cfg)) \
+            if self._cfg is not None else None
+
+    def _perform_federated_aggregation(self) -> int:
+        """Clients aggregated from the pieces they hold; the server only
+        counts the round's contributors for FS's bookkeeping."""
+        return len(self.msg_buffer["train"].get(self.state, {}))
+
+
+def make_bittorrent_classes(client_cls: type, server_cls: type) -> tuple[type, type]:
+    """BitTorrent variants of the given FS worker classes."""
+    client = type(f"BitTorrent{client_cls.__name__}", (BitTorrentClientMixin, client_cls), {})
+    server = type(f"BitTorrent{server_cls.__name__}", (BitTorrentServerMixin, server_cls), {})
+    return client, server
