@@ -68,7 +68,7 @@ class RoundEnd:
     """Action: the exchange of ``round`` is over; move on (or abort)."""
 
     round: int
-    reason: str                       # complete | deadline | insufficient | no manifests
+    reason: str                       # complete | partial | deadline | insufficient | no manifests
     reports: dict[int, CompletionReport]
     participants: tuple[int, ...]
     owners: tuple[int, ...]
@@ -183,9 +183,22 @@ class RoundCoordinator:
             return []
         self._reports[client] = report
         if set(self._reports) >= set(self._participants):
-            return [self._end(now, "complete" if all(r.complete for r in self._reports.values())
-                              else "all reported")]
+            if all(r.complete for r in self._reports.values()):
+                return [self._end(now, "complete")]
+            return [self._judge(now, "partial")]
         return []
+
+    def _judge(self, now: float, reason: str) -> RoundEnd:
+        """End a round that did not fully complete: ``reason`` if enough
+        clients completed, otherwise by the insufficient-completion policy."""
+        done = sum(1 for r in self._reports.values() if r.complete)
+        ratio = done / len(self._participants) if self._participants else 1.0
+        if ratio >= self.min_completion_ratio:
+            return self._end(now, reason)
+        log.warning("coordinator: round %s: only %d/%d clients completed the exchange "
+                    "(min_completion_ratio %.2f); policy %s", self.round, done,
+                    len(self._participants), self.min_completion_ratio, self.insufficient_policy)
+        return self._end(now, "insufficient", abort=self.insufficient_policy == "abort")
 
     def poll(self, now: float) -> list[Action]:
         """Deadline checks; call from the message loop whenever convenient."""
@@ -200,15 +213,7 @@ class RoundCoordinator:
                 return [self._start(now)]
             return [self._end(now, "no manifests", abort=self.insufficient_policy == "abort")]
         if self.phase is Phase.EXCHANGING:
-            done = sum(1 for r in self._reports.values() if r.complete)
-            ratio = done / len(self._participants) if self._participants else 1.0
-            if ratio >= self.min_completion_ratio:
-                return [self._end(now, "deadline")]
-            log.warning("coordinator: round %s: only %d/%d clients completed by the deadline "
-                        "(min_completion_ratio %.2f); policy %s", self.round, done,
-                        len(self._participants), self.min_completion_ratio,
-                        self.insufficient_policy)
-            return [self._end(now, "insufficient", abort=self.insufficient_policy == "abort")]
+            return [self._judge(now, "deadline")]
         return []
 
     def _end(self, now: float, reason: str, abort: bool = False) -> RoundEnd:

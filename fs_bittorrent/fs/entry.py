@@ -22,16 +22,29 @@ log = logging.getLogger(__name__)
 def build_config(cfg_file: Optional[str], opts: list[str]) -> Any:
     """Merge a YAML file and KEY VALUE options into a fresh FS config,
     with unknown keys reported by name."""
-    from . import config as bt_config  # registers the node
+    from . import config as bt_config  # importing fs_bittorrent.fs registers the node
     from federatedscope.core.configs.config import global_cfg
     cfg = global_cfg.clone()
     try:
         if cfg_file:
             cfg.merge_from_file(cfg_file)
         cfg.merge_from_list(opts)
-    except KeyError as exc:
+    except (KeyError, AssertionError) as exc:
+        # FS's yacs copy says "Non-existent key" by KeyError or AssertionError.
+        if "Non-existent" not in str(exc):
+            raise
         raise bt_config.unknown_key_hint(exc) from None
     return cfg
+
+
+def share_fs_logging() -> None:
+    """Send the plugin's log records where FS's go (console and the
+    experiment's exp_print.log), so users find them where they look."""
+    fs_logger = logging.getLogger("federatedscope")
+    ours = logging.getLogger("fs_bittorrent")
+    ours.handlers = list(fs_logger.handlers)
+    ours.setLevel(fs_logger.level or logging.INFO)
+    ours.propagate = False
 
 
 def make_runner(cfg: Any, data: Any, client_cfgs: Any = None) -> Any:
@@ -55,8 +68,8 @@ def make_runner(cfg: Any, data: Any, client_cfgs: Any = None) -> Any:
 
 
 def run_experiment(cfg_file: Optional[str], opts: list[str],
-                   client_cfg_file: Optional[str] = None) -> Any:
-    """Run one FS experiment; returns the runner's best results."""
+                   client_cfg_file: Optional[str] = None) -> tuple[Any, Any]:
+    """Run one FS experiment; returns (runner, the runner's best results)."""
     from federatedscope.core.auxiliaries.data_builder import get_data
     from federatedscope.core.auxiliaries.logging import update_logger
     from federatedscope.core.auxiliaries.utils import setup_seed
@@ -66,6 +79,7 @@ def run_experiment(cfg_file: Optional[str], opts: list[str],
     cfg_opts, client_opts = parse_client_cfg(list(opts))
     cfg = build_config(cfg_file, cfg_opts)
     update_logger(cfg, clear_before_add=True)
+    share_fs_logging()
     setup_seed(cfg.seed)
     client_cfgs = None
     if client_cfg_file:
@@ -76,7 +90,7 @@ def run_experiment(cfg_file: Optional[str], opts: list[str],
     cfg.merge_from_other_cfg(modified)
     cfg.freeze()
     runner = make_runner(cfg, data, client_cfgs)
-    return runner.run()
+    return runner, runner.run()
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -291,6 +291,10 @@ class ClientManager(BitTorrentManager):
         self.store.finish_session(self.round, self.worker.ID,
                                   "complete" if s.complete else "partial", now=now)
         self.store.flush()
+        # Old rounds go once per round, even when in-process clients share a store.
+        if getattr(self.store, "bt_cleaned_round", None) != self.round:
+            self.store.bt_cleaned_round = self.round
+            self.store.cleanup(self.settings.keep_rounds)
 
 
 class ServerManager(BitTorrentManager):
