@@ -39,7 +39,7 @@ DEFAULTS = {
     "enable": False, "piece_size": 262144, "block_size": 16384, "timeout": 60.0,
     "min_completion_ratio": 0.5, "insufficient_policy": "proceed", "missing_policy": "global",
     "max_upload_slots": 0, "credit_bytes": 4194304, "max_requests_per_peer": 64,
-    "min_requests_per_peer": 4, "request_queue_time": 0.1, "request_timeout": 10.0,
+    "min_requests_per_peer": 4, "request_queue_time": 0.05, "request_timeout": 10.0,
     "max_retries": 5, "end_game_threshold": 0, "end_game_delay": 0.5,
     "keepalive_interval": 30.0, "peer_timeout": 120.0, "max_corrupt_pieces": 3,
     "tick_interval": 0.5, "keep_rounds": 2, "db_dir": "", "secret": "", "seed": -1,

@@ -21,7 +21,7 @@ class SwarmConfig:
     credit_bytes: int = 4 * MiB         # bytes of requested blocks we accept in flight
     max_requests_per_peer: int = 64     # pipeline cap per peer, on top of credit
     min_requests_per_peer: int = 4      # pipeline floor per peer (before a rate is known)
-    request_queue_time: float = 0.1     # pipeline depth = measured rate x this / block_size
+    request_queue_time: float = 0.05    # queueing the request window allows, seconds
     max_upload_slots: int = 0           # peers unchoked at once; 0 = every interested peer
     unchoke_interval: float = 10.0      # rotation period when slots are capped
     request_timeout: float = 10.0       # a block not answered by then is re-requested elsewhere

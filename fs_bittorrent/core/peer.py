@@ -70,6 +70,9 @@ class PeerState:
     unchoked_at: float = 0.0
     interested_since: float = 0.0
     # download rate from this peer (EWMA), which sizes the request pipeline
+    min_rtt: float = 0.0              # smallest request-to-block time seen
+    window: float = 0.0               # request window, in blocks (0: not started)
+    slow_start: bool = True
     timeout_streak: int = 0          # ticks in a row with timeouts and no block received
     rate_in: float = 0.0
     rate_bytes: int = 0
@@ -100,11 +103,37 @@ class PeerState:
             self.rate_bytes = 0
             self.rate_since = now
 
-    def pipeline_depth(self, block_size: int, queue_time: float, lo: int, hi: int) -> int:
-        """Requests to keep in flight: enough to cover ``queue_time`` at the
-        measured rate (libtorrent's rule), within [lo, hi]."""
-        want = int(self.rate_in * queue_time / block_size) + 1
-        return max(lo, min(hi, want))
+    def on_block(self, rtt: float, block_size: int, queue_time: float, lo: int, hi: int) -> None:
+        """Adjust the request window after a block arrived ``rtt`` after its
+        request (TCP-style, delay based).
+
+        Slow start: while blocks come back at about the path RTT the pipe,
+        not the link, is the bottleneck, so grow by one block per block
+        (doubling each RTT).  The first time the delay says a queue is
+        building, leave slow start for good and follow the measured rate
+        times (path RTT + ``queue_time``).
+        """
+        if rtt > 0 and (self.min_rtt == 0.0 or rtt < self.min_rtt):
+            self.min_rtt = rtt
+        # HyStart's delay threshold: leave slow start once the RTT rises by
+        # min_rtt/8, clamped to [4 ms, 16 ms], before a deep queue builds.
+        if self.slow_start and rtt <= self.min_rtt + min(max(self.min_rtt / 8, 0.004), 0.016):
+            self.window = min(hi, self.window + 1.0)
+            return
+        self.slow_start = False  # a queue is building: leave slow start for good
+        if self.rate_in > 0:
+            self.window = max(lo, min(hi, self.rate_in * (self.min_rtt + queue_time) / block_size))
+
+    def on_timeout(self, lo: int) -> None:
+        """Loss-like signal: halve the window, leave slow start."""
+        self.window = max(float(lo), self.window / 2)
+        self.slow_start = False
+
+    def pipeline_depth(self, lo: int, hi: int) -> int:
+        """Requests to keep in flight now."""
+        if self.window == 0.0:
+            self.window = float(lo)
+        return max(lo, min(hi, int(self.window)))
 
     # ---- receive-side ledger ----------------------------------------------
     def add_request(self, index: int, begin: int, length: int, now: float) -> None:

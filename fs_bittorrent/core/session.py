@@ -50,8 +50,6 @@ class Close:
 
 
 Action = Union[Message, Close]
-_WIRE_TYPES = (KeepAlive, Choke, Unchoke, Interested, NotInterested, Have, Bitfield, Request,
-               Piece, Cancel, Credit)
 Outgoing = tuple[int, Action]
 
 
@@ -122,6 +120,7 @@ class SwarmSession:
         # multi-peer hash failure; settled when the piece verifies.
         self._suspects: dict[int, list[tuple[int, int, int, bytes]]] = {}
         self.corrupt_by_peer: dict[int, int] = {}
+        self._build_dispatch()
         if self.complete:
             self.stats.completed_at = now
 
@@ -228,67 +227,92 @@ class SwarmSession:
 
     # ---- inbound ---------------------------------------------------------------
     def handle(self, peer: int, msg: Message, now: float) -> list[Outgoing]:
-        """Process one message from ``peer``; returns what to send."""
+        """Process one message from ``peer``; returns what to send.
+
+        Every message is validated in full before any state changes."""
         if self.closed:
             return []
         if peer in self.banned:
             return [(peer, Close("banned"))]
-        if isinstance(msg, Handshake):
+        kind = type(msg)
+        if kind is Handshake:
             return self._on_handshake(peer, msg, now)
-        if not isinstance(msg, _WIRE_TYPES):
-            raise ProtocolError("message", type(msg).__name__, "not a peer wire message")
+        entry = self._dispatch.get(kind)
+        if entry is None:
+            raise ProtocolError("message", kind.__name__, "not a peer wire message")
         p = self.peers.get(peer)
         if p is None or not p.handshaken:
-            raise HandshakeRequired("message", type(msg).__name__,
+            raise HandshakeRequired("message", kind.__name__,
                                     f"peer {peer} sent it before a valid handshake")
-        self._validate(msg)
+        check, act = entry
+        if check is not None:
+            check(msg)
         p.last_recv = now
-        if isinstance(msg, Piece):
-            return self._on_piece(p, msg, now)
-        if isinstance(msg, Request):
-            return self._on_request(p, msg, now)
-        if isinstance(msg, Have):
-            return self._on_have(p, [msg.index], now)
-        if isinstance(msg, Bitfield):
-            return self._on_have(p, decode_bits(msg.bits, self.layout.num_pieces), now)
-        if isinstance(msg, Cancel):
-            p.clear_served(msg.index, msg.begin)
+        return act(p, msg, now)
+
+    def _build_dispatch(self) -> None:
+        """Message type -> (validator or None, handler): one lookup per message."""
+        nothing: list[Outgoing] = []
+
+        def on_cancel(p: PeerState, m: Cancel, now: float) -> list[Outgoing]:
+            p.clear_served(m.index, m.begin)
             return []
-        if isinstance(msg, Interested):
-            return self._on_interested(p, now)
-        if isinstance(msg, NotInterested):
+
+        def on_not_interested(p: PeerState, m: NotInterested, now: float) -> list[Outgoing]:
             p.peer_interested = False
             return self._choke(p, now) if not p.am_choking else []
-        if isinstance(msg, Unchoke):
+
+        def on_unchoke(p: PeerState, m: Unchoke, now: float) -> list[Outgoing]:
             p.peer_choking = False
             return self._fill(p, now)
-        if isinstance(msg, Choke):
+
+        def on_choke(p: PeerState, m: Choke, now: float) -> list[Outgoing]:
             # Requests already sent stay on the books until they arrive or
             # time out: the peer may have served them before choking.
             p.peer_choking = True
             return []
-        if isinstance(msg, Credit):
-            p.their_credit = msg.credit
-            return []
-        return []  # KeepAlive
 
-    def _validate(self, msg: Message) -> None:
-        """Check a message against the swarm before touching any state."""
-        if isinstance(msg, (Have, Request, Piece, Cancel)):
-            self.layout.check_index(msg.index)
-        if isinstance(msg, (Request, Cancel)):
-            if msg.length <= 0 or msg.length > self.config.max_block_size:
-                raise BlockTooLarge("length", msg.length,
-                                    f"limit is {self.config.max_block_size} bytes")
-            self._check_block(msg.index, msg.begin, msg.length)
-        elif isinstance(msg, Piece):
-            if len(msg.block) > self.config.max_block_size:
-                raise BlockTooLarge("block", len(msg.block),
-                                    f"limit is {self.config.max_block_size} bytes")
-            self._check_block(msg.index, msg.begin, len(msg.block))
-        elif isinstance(msg, Bitfield):
-            decode_bits(msg.bits, self.layout.num_pieces)
-        elif isinstance(msg, Credit) and msg.credit < self.config.block_size:
+        def on_credit(p: PeerState, m: Credit, now: float) -> list[Outgoing]:
+            p.their_credit = m.credit
+            return []
+
+        self._dispatch = {
+            Piece: (self._check_piece, self._on_piece),
+            Request: (self._check_request, self._on_request),
+            Have: (self._check_index, lambda p, m, now: self._on_have(p, [m.index], now)),
+            Bitfield: (self._check_bitfield, lambda p, m, now: self._on_have(
+                p, decode_bits(m.bits, self.layout.num_pieces), now)),
+            Cancel: (self._check_request, on_cancel),
+            Interested: (None, lambda p, m, now: self._on_interested(p, now)),
+            NotInterested: (None, on_not_interested),
+            Unchoke: (None, on_unchoke),
+            Choke: (None, on_choke),
+            Credit: (self._check_credit, on_credit),
+            KeepAlive: (None, lambda p, m, now: nothing),
+        }
+
+    def _check_index(self, msg) -> None:
+        self.layout.check_index(msg.index)
+
+    def _check_request(self, msg) -> None:
+        self.layout.check_index(msg.index)
+        if msg.length <= 0 or msg.length > self.config.max_block_size:
+            raise BlockTooLarge("length", msg.length,
+                                f"limit is {self.config.max_block_size} bytes")
+        self._check_block(msg.index, msg.begin, msg.length)
+
+    def _check_piece(self, msg: Piece) -> None:
+        self.layout.check_index(msg.index)
+        n = len(msg.block)
+        if n > self.config.max_block_size:
+            raise BlockTooLarge("block", n, f"limit is {self.config.max_block_size} bytes")
+        self._check_block(msg.index, msg.begin, n)
+
+    def _check_bitfield(self, msg: Bitfield) -> None:
+        decode_bits(msg.bits, self.layout.num_pieces)
+
+    def _check_credit(self, msg: Credit) -> None:
+        if msg.credit < self.config.block_size:
             raise CreditExceeded("credit", msg.credit,
                                  f"must allow one block of {self.config.block_size} bytes")
 
@@ -332,6 +356,10 @@ class SwarmSession:
             p.handshake_sent_at = now
             out.append(self._send(p, self._handshake(), now))
         out.append(self._send(p, Bitfield(encode_bits(self.have, self.layout.num_pieces)), now))
+        if self.config.max_upload_slots == 0:
+            # Cooperative swarm: nobody is ever choked, so do not make the peer
+            # wait a round trip (interested -> unchoke) before it may request.
+            out.extend(self._unchoke(p, now))
         # An owner always holds its own pieces: known even if its bitfield is lost.
         implicit = list(self.layout.owner_range(peer)) if peer in self.layout.owners else []
         out.extend(self._on_have(p, implicit, now))
@@ -344,9 +372,11 @@ class SwarmSession:
             # Their have settles what we served them for the piece.
             p.clear_served_piece(i)
         out: list[Outgoing] = []
-        if news and not p.am_interested and any(not self.have[i] for i in news):
+        wanted = any(not self.have[i] for i in news)
+        if wanted and not p.am_interested:
             out.extend(self._set_interest(p, True, now))
-        out.extend(self._fill(p, now))
+        if wanted:  # only news we lack can give this peer new work
+            out.extend(self._fill(p, now))
         return out
 
     def _on_interested(self, p: PeerState, now: float) -> list[Outgoing]:
@@ -421,6 +451,7 @@ class SwarmSession:
         length = len(msg.block)
         p.counters.bytes_in += length
         self.stats.bytes_down += length
+        sent_at = p.inflight.get((index, begin))
         if not p.request_done(index, begin, length):
             # Never asked (or already cancelled): refuse it, whatever it holds.
             if self.have[index] or index in self.picker.partials and \
@@ -434,6 +465,9 @@ class SwarmSession:
         p.counters.blocks_in += 1
         p.timeout_streak = 0
         p.note_received(length, now)
+        cfg = self.config
+        p.on_block(now - sent_at, cfg.block_size, cfg.request_queue_time,
+                   cfg.min_requests_per_peer, cfg.max_requests_per_peer)
         others = self.picker.block_received(index, begin, msg.block, p.peer_id)
         out: list[Outgoing] = []
         if (index, begin) in p.duplicates:
@@ -472,9 +506,12 @@ class SwarmSession:
             self.stats.first_piece_at = now
         if self.complete and self.stats.completed_at is None:
             self.stats.completed_at = now
+        givers = pp.contributors
         for q in list(self.peers.values()):
             q.release_piece(index)
-            if q.handshaken:
+            # Have suppression: a peer that holds the piece gains nothing from
+            # our have, unless it served us (the have clears its ledger).
+            if q.handshaken and (not q.has[index] or q.peer_id in givers):
                 out.append(self._send(q, Have(index), now))
                 if q.am_interested and not self.picker.wants_any(q.has):
                     out.extend(self._set_interest(q, False, now))
@@ -556,8 +593,7 @@ class SwarmSession:
         if self.closed or not p.handshaken or p.peer_choking or not p.am_interested:
             return []
         cfg = self.config
-        depth = p.pipeline_depth(cfg.block_size, cfg.request_queue_time,
-                                 cfg.min_requests_per_peer, cfg.max_requests_per_peer)
+        depth = p.pipeline_depth(cfg.min_requests_per_peer, cfg.max_requests_per_peer)
         picks = self.picker.pick(p.peer_id, p.has, depth - len(p.inflight),
                                  cfg.credit_bytes - p.reserved_total,
                                  end_game_ok=len(p.inflight) <= 1, now=now,
@@ -636,6 +672,7 @@ class SwarmSession:
             out.extend(self._take_away(p, index, now))
         if out:
             p.timeout_streak += 1
+            p.on_timeout(self.config.min_requests_per_peer)
             # The freed pieces go to whichever peers have room now.
             for q in self.peers.values():
                 if q is not p:

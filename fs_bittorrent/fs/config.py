@@ -82,7 +82,7 @@ HELP = {
     "credit_bytes": "bytes of requested blocks a peer accepts in flight",
     "max_requests_per_peer": "request pipeline cap per peer",
     "min_requests_per_peer": "request pipeline floor per peer (before a rate is measured)",
-    "request_queue_time": "pipeline depth = measured rate x this / block_size (seconds)",
+    "request_queue_time": "queueing delay the request window may build (seconds); window = rate x (path RTT + this)",
     "request_timeout": "seconds before an unanswered block is re-requested elsewhere",
     "max_retries": "request timeouts in a row before a peer is dropped as dead",
     "end_game_threshold": "also enter end game when <= this many blocks are unrequested",
@@ -132,7 +132,7 @@ def extend_bittorrent_cfg(cfg: CfgNode) -> None:
     bt.credit_bytes = 4194304             # bytes of requested blocks accepted in flight (4 MiB)
     bt.max_requests_per_peer = 64         # request pipeline cap per peer
     bt.min_requests_per_peer = 4          # request pipeline floor per peer
-    bt.request_queue_time = 0.1           # pipeline depth = rate x this / block_size
+    bt.request_queue_time = 0.05          # window = rate x (path RTT + this)
     bt.request_timeout = 10.0             # s before a block is re-requested elsewhere
     bt.max_retries = 5                    # timeouts in a row before a peer is dropped
     bt.end_game_threshold = 0             # also enter end game at <= this many unrequested blocks
@@ -346,7 +346,7 @@ class BitTorrentSettings:
     credit_bytes: int = 4194304
     max_requests_per_peer: int = 64
     min_requests_per_peer: int = 4
-    request_queue_time: float = 0.1
+    request_queue_time: float = 0.05
     request_timeout: float = 10.0
     max_retries: int = 5
     end_game_threshold: int = 0

@@ -106,6 +106,8 @@ class VirtualNetwork:
         self._seq = 0
         self.in_flight = 0
         self._closed_pairs: set[tuple[int, int]] = set()
+        self._last_small: dict[tuple[int, int], float] = {}
+        self.small_message = 256  # bytes; larger messages queue on both links
         self.fault_counts = {"dropped": 0, "duplicated": 0, "reordered": 0, "corrupted": 0,
                              "disconnects": 0}
 
@@ -151,15 +153,37 @@ class VirtualNetwork:
                     payload = changed
         s = self.links[src]
         for _ in range(copies):
-            s.up_free = max(self.now, s.up_free) + size / s.profile.up
             s.wire_up += size
+            self.in_flight += 1
+            self._seq += 1
+            if size <= self.small_message:
+                self._send_small(src, dst, payload, size, s)
+                continue
+            s.up_free = max(self.now, s.up_free) + size / s.profile.up
             arrive = s.up_free + s.profile.latency
             if f.reorder and self.rng.random() < f.reorder:
                 self.fault_counts["reordered"] += 1
                 arrive += self.rng.random() * f.reorder_delay
-            self.in_flight += 1
-            self._seq += 1
             heapq.heappush(self._queue, (arrive, self._seq, _ARRIVE, (src, dst, payload, size)))
+
+    def _send_small(self, src: int, dst: int, payload: object, size: int, s: Link) -> None:
+        """Control messages interleave with bulk data at packet level on real
+        links, so they do not wait behind queued blocks; their bytes still
+        use link capacity, and per connection they keep their order."""
+        d = self.links[dst]
+        up, down = size / s.profile.up, size / d.profile.down
+        s.up_free = max(self.now, s.up_free) + up
+        if d.down_free > self.now:
+            d.down_free += down
+        at = self.now + up + s.profile.latency + down
+        if self.faults.reorder and self.rng.random() < self.faults.reorder:
+            self.fault_counts["reordered"] += 1
+            at += self.rng.random() * self.faults.reorder_delay
+        else:
+            at = max(at, self._last_small.get((src, dst), 0.0))
+            self._last_small[(src, dst)] = at
+        d.wire_down += size
+        heapq.heappush(self._queue, (at, self._seq, _DELIVER, (src, dst, payload, 0)))
 
     def next_time(self) -> Optional[float]:
         return self._queue[0][0] if self._queue else None
