@@ -293,6 +293,11 @@ class PiecePicker:
         pieces = sorted(self.assigned.pop(peer, set()))
         for index in pieces:
             self.unassign(index, peer)
+        # A departed peer no longer counts among the avoided holders.
+        for index in [i for i, bad in self.avoid.items() if peer in bad]:
+            self.avoid[index].discard(peer)
+            if not self.avoid[index]:
+                del self.avoid[index]
         # end-game copies at this peer for pieces assigned elsewhere
         for key in [k for k, peers in self.outstanding.items() if peer in peers]:
             self.request_dropped(key[0], key[1], peer)

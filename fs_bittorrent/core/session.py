@@ -471,8 +471,9 @@ class SwarmSession:
         others = self.picker.block_received(index, begin, msg.block, p.peer_id)
         out: list[Outgoing] = []
         if (index, begin) in p.duplicates:
+            # A winning end-game copy keeps its bytes reserved until the piece
+            # settles: the sender counts them until our have.
             p.duplicates.discard((index, begin))
-            p.release(index, length)
         if others is None:
             p.counters.duplicate_blocks += 1
             self.stats.duplicate_blocks += 1
