@@ -135,21 +135,23 @@ MESSAGE_TYPES: dict[int, type] = {
 }
 
 
+_FIXED_SIZES: dict[type, int] = {
+    Request: 4 + 1 + 12, Cancel: 4 + 1 + 12, Have: 4 + 1 + 4, Credit: 4 + 1 + 4,
+    KeepAlive: 4, Choke: 5, Unchoke: 5, Interested: 5, NotInterested: 5,
+    Handshake: 1 + len(PROTOCOL_NAME) + 8 + SWARM_ID_LEN + 4 + 4 + AUTH_LEN,
+}
+
+
 def message_size(msg: Message) -> int:
     """Bytes this message takes on the wire (length prefix included).
 
     The simulator charges bandwidth with this, without encoding anything.
     """
-    if isinstance(msg, Piece):
+    kind = type(msg)
+    if kind is Piece:
         return 4 + 1 + 8 + memoryview(msg.block).nbytes
-    if isinstance(msg, (Request, Cancel)):
-        return 4 + 1 + 12
-    if isinstance(msg, (Have, Credit)):
-        return 4 + 1 + 4
-    if isinstance(msg, Bitfield):
+    if kind is Bitfield:
         return 4 + 1 + len(msg.bits)
-    if isinstance(msg, KeepAlive):
-        return 4
-    if isinstance(msg, Handshake):
+    if kind is Handshake:
         return 1 + len(msg.protocol) + 8 + SWARM_ID_LEN + 4 + 4 + AUTH_LEN
-    return 4 + 1
+    return _FIXED_SIZES[kind]

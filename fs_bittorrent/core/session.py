@@ -279,7 +279,7 @@ class SwarmSession:
         self._dispatch = {
             Piece: (self._check_piece, self._on_piece),
             Request: (self._check_request, self._on_request),
-            Have: (self._check_index, lambda p, m, now: self._on_have(p, [m.index], now)),
+            Have: (self._check_index, self._on_have_one),
             Bitfield: (self._check_bitfield, lambda p, m, now: self._on_have(
                 p, decode_bits(m.bits, self.layout.num_pieces), now)),
             Cancel: (self._check_request, on_cancel),
@@ -363,6 +363,23 @@ class SwarmSession:
         # An owner always holds its own pieces: known even if its bitfield is lost.
         implicit = list(self.layout.owner_range(peer)) if peer in self.layout.owners else []
         out.extend(self._on_have(p, implicit, now))
+        return out
+
+    def _on_have_one(self, p: PeerState, m: Have, now: float) -> list[Outgoing]:
+        """One ``have`` (the hot path in large swarms): same effect as
+        ``_on_have(p, [index])`` without building lists."""
+        i = m.index
+        if i in p.served_by_piece:
+            p.clear_served_piece(i)  # their have settles what we served them
+        if not p.set_has(i):
+            return []
+        self.picker.availability[i] += 1
+        if self.picker.have[i]:
+            return []
+        out: list[Outgoing] = []
+        if not p.am_interested:
+            out.extend(self._set_interest(p, True, now))
+        out.extend(self._fill(p, now))
         return out
 
     def _on_have(self, p: PeerState, indices: Iterable[int], now: float) -> list[Outgoing]:
@@ -508,12 +525,13 @@ class SwarmSession:
         if self.complete and self.stats.completed_at is None:
             self.stats.completed_at = now
         givers = pp.contributors
+        have = Have(index)  # immutable: one object serves every peer
         for q in list(self.peers.values()):
             q.release_piece(index)
             # Have suppression: a peer that holds the piece gains nothing from
             # our have, unless it served us (the have clears its ledger).
             if q.handshaken and (not q.has[index] or q.peer_id in givers):
-                out.append(self._send(q, Have(index), now))
+                out.append(self._send(q, have, now))
                 if q.am_interested and not self.picker.wants_any(q.has):
                     out.extend(self._set_interest(q, False, now))
         for pid in pp.contributors:

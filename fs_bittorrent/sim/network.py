@@ -98,6 +98,7 @@ class VirtualNetwork:
         self.on_deliver = on_deliver
         self.rng = random.Random(seed)
         self.faults = faults
+        self._faulty = faults.any
         self.corrupt = corrupt
         self.links: dict[int, Link] = {}
         self.now = 0.0
@@ -139,7 +140,7 @@ class VirtualNetwork:
             return
         f = self.faults
         copies = 1
-        if f.any:
+        if self._faulty:
             if f.drop and self.rng.random() < f.drop:
                 self.fault_counts["dropped"] += 1
                 return
@@ -279,15 +280,15 @@ class SimNetwork:
 
     # ---- plumbing ------------------------------------------------------------------
     def _emit(self, src: int, outgoing) -> None:
+        send = self.net.send
         for dst, msg in outgoing:
-            if isinstance(msg, Close):
+            if type(msg) is Close:
                 self._close(src, dst)
+            elif self.encode:
+                from ..core.codec import encode
+                send(src, dst, encode(msg), message_size(msg))
             else:
-                payload = msg
-                if self.encode:
-                    from ..core.codec import encode
-                    payload = encode(msg)
-                self.net.send(src, dst, payload, message_size(msg))
+                send(src, dst, msg, message_size(msg))
 
     def _close(self, src: int, dst: int) -> None:
         if not self.net.close_pair(src, dst):
