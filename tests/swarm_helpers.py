@@ -5,7 +5,6 @@ import hashlib
 import random
 from typing import Optional
 
-from fs_bittorrent.core.layout import SwarmLayout
 from fs_bittorrent.core.manifest import Manifest, TensorSpec
 from fs_bittorrent.core.storage import ContentPool, MemoryPieceStorage
 

@@ -19,7 +19,6 @@ pytest.importorskip("federatedscope",
 
 import torch  # noqa: E402
 
-from fs_bittorrent.errors import ConfigError  # noqa: E402
 from fs_bittorrent.fs.entry import main as run_main  # noqa: E402
 from fs_bittorrent.fs.entry import run_experiment  # noqa: E402
 

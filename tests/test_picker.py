@@ -4,27 +4,23 @@ one copy per block outside end game, gated end game; plus a randomized
 invariant check."""
 from __future__ import annotations
 
-import hashlib
-import random
 
-import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from fs_bittorrent.core.layout import SwarmLayout
-from fs_bittorrent.core.manifest import Manifest, TensorSpec
 from fs_bittorrent.core.picker import PartialPiece, PiecePicker, Picks
+
+from swarm_helpers import random_owner
 
 BS = 16
 BIG = 10 ** 9
 
 
 def make(owner, n_pieces, piece_size, rnd=0, seed=0, short_last=True):
-    total = n_pieces * piece_size - (piece_size // 3 if short_last and n_pieces > 0 else 0)
-    blob = random.Random(seed * 1000 + owner).randbytes(total)
-    pieces = [blob[i:i + piece_size] for i in range(0, total, piece_size)]
-    m = Manifest(owner, rnd, total, piece_size, tuple(hashlib.sha256(p).digest() for p in pieces), 10,
-                 (TensorSpec("w", "U8", (total,), 0, total),))
+    """(manifest, pieces) of an owner whose 'model' is random bytes."""
+    m, pieces, _ = random_owner(owner, n_pieces, piece_size, rnd=rnd, seed=seed,
+                                short_last=short_last)
     return m, pieces
 
 

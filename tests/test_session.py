@@ -18,7 +18,6 @@ import pytest
 from fs_bittorrent.core.bitfield import encode_bits
 from fs_bittorrent.core.config import SwarmConfig
 from fs_bittorrent.core.layout import SwarmLayout, make_auth
-from fs_bittorrent.core.manifest import Manifest, TensorSpec
 from fs_bittorrent.core.messages import (Bitfield, Cancel, Choke, Credit, Handshake, Have,
                                          Interested, KeepAlive, NotInterested, Piece, Request,
                                          Unchoke)
@@ -28,17 +27,17 @@ from fs_bittorrent.errors import (BadBlockRange, BadLength, BlockTooLarge, Credi
                                   HandshakeRefused, HandshakeRequired, PieceIndexOutOfRange,
                                   ProtocolError, SpareBitsSet)
 
+from swarm_helpers import random_owner
+
 
 # ---------------------------------------------------------------------------
 # fixtures: manifests, storages, configs
 # ---------------------------------------------------------------------------
 
 def make(owner, n_pieces, piece_size, rnd=0, seed=0, short_last=True):
-    total = n_pieces * piece_size - (piece_size // 3 if short_last and n_pieces > 0 else 0)
-    blob = random.Random(seed * 1000 + owner).randbytes(total)
-    pieces = [blob[i:i + piece_size] for i in range(0, total, piece_size)]
-    m = Manifest(owner, rnd, total, piece_size, tuple(hashlib.sha256(p).digest() for p in pieces), 10,
-                 (TensorSpec("w", "U8", (total,), 0, total),))
+    """(manifest, pieces) of an owner whose 'model' is random bytes."""
+    m, pieces, _ = random_owner(owner, n_pieces, piece_size, rnd=rnd, seed=seed,
+                                short_last=short_last)
     return m, pieces
 
 

@@ -12,7 +12,7 @@ import bisect
 import hashlib
 import hmac
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import PieceIndexOutOfRange, ManifestError
 from .manifest import Manifest, manifests_digest

@@ -11,7 +11,7 @@ are laid end to end (see :class:`fs_bittorrent.core.layout.SwarmLayout`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, Union
 
 PROTOCOL_NAME = b"FSBitTorrent/1"

@@ -23,12 +23,12 @@ import hashlib
 import hmac
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Optional, Union
 
 from ..errors import (BadBlockRange, BlockTooLarge, ConfigError, CreditExceeded,
                       HandshakeRefused,
-                      HandshakeRequired, PieceIndexOutOfRange, ProtocolError)
+                      HandshakeRequired, ProtocolError)
 from .bitfield import decode_bits, encode_bits
 from .config import SwarmConfig
 from .layout import SwarmLayout, make_auth

@@ -27,14 +27,12 @@ worker loop and data plane.
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
 import secrets
 from typing import Any, Callable, Optional, Protocol
 
-import torch
 
 from ..core.aggregate import coverage_fedavg
 from ..core.coordinator import CompletionReport, RoundCoordinator, RoundEnd, StartExchange
@@ -322,7 +320,6 @@ class ServerManager(BitTorrentManager):
         return sorted(self.worker.comm_manager.neighbors.keys())
 
     def _outgoing(self, message: Any) -> None:
-        w = self.worker
         if message.msg_type == "model_para":
             receivers = message.receiver if isinstance(message.receiver, list) \
                 else [message.receiver]

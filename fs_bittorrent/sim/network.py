@@ -17,10 +17,10 @@ import heapq
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
-from ..core.messages import Message, Piece, message_size
+from ..core.messages import Piece, message_size
 from ..core.session import Close, SwarmSession
 from ..errors import BitTorrentError, HandshakeRequired
 

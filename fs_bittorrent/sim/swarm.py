@@ -2,7 +2,7 @@
 the benchmarks share, so every one of them drives the engine the same way."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 from ..core.config import SwarmConfig
