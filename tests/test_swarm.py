@@ -177,3 +177,13 @@ def test_disconnect_mid_piece_resumes_and_completes():
     assert net.fault_counts["disconnects"] == 1
     assert_everyone_has_everything(swarm, blobs)
     assert_drained(swarm)
+
+
+def test_interest_follows_what_peers_still_have_for_us():
+    """After the swarm completes, nobody is left interested in anybody, and
+    no peer was told 'interested' without holding something we lacked."""
+    owners, _ = random_owners({i: 6 for i in range(5)}, PIECE, seed=51)
+    swarm = build_swarm(owners, CFG, LINK, seed=51)
+    assert swarm.run(until=600).complete
+    for s in swarm.sessions.values():
+        assert all(not p.am_interested for p in s.peers.values()), s.peer_id

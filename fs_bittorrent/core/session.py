@@ -528,12 +528,15 @@ class SwarmSession:
         have = Have(index)  # immutable: one object serves every peer
         for q in list(self.peers.values()):
             q.release_piece(index)
+            if not q.handshaken:
+                continue
             # Have suppression: a peer that holds the piece gains nothing from
             # our have, unless it served us (the have clears its ledger).
-            if q.handshaken and (not q.has[index] or q.peer_id in givers):
+            if not q.has[index] or q.peer_id in givers:
                 out.append(self._send(q, have, now))
-                if q.am_interested and not self.picker.wants_any(q.has):
-                    out.extend(self._set_interest(q, False, now))
+            # Only a peer holding this piece can have just lost our interest.
+            if q.has[index] and q.am_interested and not self.picker.wants_any(q.has):
+                out.extend(self._set_interest(q, False, now))
         for pid in pp.contributors:
             q = self.peers.get(pid)
             if q is not None:

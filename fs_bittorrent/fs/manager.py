@@ -101,9 +101,9 @@ class ClientManager(BitTorrentManager):
         self.started_at = 0.0
         self.reported = False
         self.aggregated = False
-        self.prev_global: Optional[dict] = None
-        self.local_model: Optional[dict] = None
-        self.history: list[dict] = []
+        self.prev_global: Optional[dict] = None   # model at the start of the round
+        self.local_model: Optional[dict] = None   # this round's trained model
+        self.last_aggregate = None                # AggregateResult of the last round
         self.aggregate_cache: Optional[dict] = None  # shared by in-process clients
         for name in wire.PEER_MSG_NAMES:
             worker.register_handlers(name, self.on_peer_message)
@@ -306,9 +306,9 @@ class ServerManager(BitTorrentManager):
         self.secret = settings.secret or secrets.token_hex(16)
         self.links: dict = {}
         self.round_stats: list[dict] = []
-        self._owners: list[int] = []
+        self._owners: list[int] = []                 # clients asked to train this round
         self._sample_sizes: dict[int, int] = {}
-        self._exchange_started = 0.0
+        self._manifest_sizes: dict[int, int] = {}    # owner -> model bytes, this round
         worker.register_handlers(wire.MSG_MANIFEST, self.on_manifest)
         worker.register_handlers(wire.MSG_REPORT, self.on_report)
 
@@ -372,7 +372,6 @@ class ServerManager(BitTorrentManager):
 
     def _start(self, a: StartExchange) -> None:
         neighbours = self.settings.neighbours(list(a.participants))
-        self._exchange_started = self.now()
         log.info("server: round %s: exchanging %d manifests among %d clients", a.round,
                  len(a.manifests), len(a.participants))
         self._manifest_sizes = {m.owner: m.total_size for m in a.manifests}
@@ -410,7 +409,7 @@ class ServerManager(BitTorrentManager):
         w.check_and_move_on()
 
     def _round_stats(self, e: RoundEnd) -> dict:
-        sizes = getattr(self, "_manifest_sizes", {})
+        sizes = self._manifest_sizes
         completion_time = max((r.exchange_time for r in e.reports.values() if r.complete),
                               default=e.exchange_time)
         exchange_time = completion_time if e.reason == "complete" else e.exchange_time
