@@ -166,29 +166,11 @@ class PiecePicker:
         if room <= 0:
             return picks
         mine = self.assigned.setdefault(peer, set())
-
-        def take(pp: PartialPiece) -> int:
-            taken = 0
-            for b in sorted(pp.open_blocks)[:room]:
-                begin = b * self.block_size
-                picks.blocks.append((pp.index, begin, pp.block_length(b)))
-                self.outstanding[(pp.index, begin)] = {peer}
-                self.requested_at[(pp.index, begin)] = now
-                pp.open_blocks.discard(b)
-                taken += 1
-            return taken
-
         # 1. the peer's own partial pieces
-        for index in sorted(mine):
-            room -= take(self.partials[index])
+        for index in (sorted(mine) if len(mine) > 1 else mine):
+            room -= self._take(self.partials[index], peer, room, now, picks)
             if room <= 0:
                 return picks
-
-        def assign(pp: PartialPiece) -> None:
-            pp.peer = peer
-            mine.add(pp.index)
-            picks.assigned.append(pp.index)
-
         # 2. orphaned partial pieces (their peer left or stopped answering)
         for index in sorted(self.unassigned, key=lambda i: (self.availability[i], i)):
             pp = self.partials[index]
@@ -196,8 +178,8 @@ class PiecePicker:
                 continue
             self.unassigned.discard(index)
             reserve_free -= pp.length
-            assign(pp)
-            room -= take(pp)
+            self._assign(pp, peer, mine, picks)
+            room -= self._take(pp, peer, room, now, picks)
             if room <= 0:
                 return picks
         # 3. new pieces, rarest first
@@ -215,8 +197,8 @@ class PiecePicker:
             pp = PartialPiece(best, self.layout.piece_length(best), self.block_size)
             self.partials[best] = pp
             reserve_free -= pp.length
-            assign(pp)
-            room -= take(pp)
+            self._assign(pp, peer, mine, picks)
+            room -= self._take(pp, peer, room, now, picks)
         # 4. end game: duplicate the oldest outstanding blocks, once each
         if end_game_ok and room > 0 and self.in_end_game:
             for key, peers in self.outstanding.items():
@@ -235,6 +217,26 @@ class PiecePicker:
                 if room <= 0:
                     break
         return picks
+
+    def _take(self, pp: PartialPiece, peer: int, room: int, now: float, picks: Picks) -> int:
+        """Request up to ``room`` of pp's open blocks, lowest offset first."""
+        opened = pp.open_blocks
+        if not opened:
+            return 0
+        chosen = [min(opened)] if room == 1 else sorted(opened)[:room]
+        for b in chosen:
+            begin = b * self.block_size
+            picks.blocks.append((pp.index, begin, pp.block_length(b)))
+            self.outstanding[(pp.index, begin)] = {peer}
+            self.requested_at[(pp.index, begin)] = now
+            opened.discard(b)
+        return len(chosen)
+
+    @staticmethod
+    def _assign(pp: PartialPiece, peer: int, mine: set[int], picks: Picks) -> None:
+        pp.peer = peer
+        mine.add(pp.index)
+        picks.assigned.append(pp.index)
 
     def wants_any(self, peer_has: Sequence[bool]) -> bool:
         """Does this peer hold anything we still miss?"""

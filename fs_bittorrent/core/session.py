@@ -615,8 +615,11 @@ class SwarmSession:
         if self.closed or not p.handshaken or p.peer_choking or not p.am_interested:
             return []
         cfg = self.config
-        depth = p.pipeline_depth(cfg.min_requests_per_peer, cfg.max_requests_per_peer)
-        picks = self.picker.pick(p.peer_id, p.has, depth - len(p.inflight),
+        room = p.pipeline_depth(cfg.min_requests_per_peer, cfg.max_requests_per_peer) \
+            - len(p.inflight)
+        if room <= 0:
+            return []  # the common case on a busy link: nothing to pick
+        picks = self.picker.pick(p.peer_id, p.has, room,
                                  cfg.credit_bytes - p.reserved_total,
                                  end_game_ok=len(p.inflight) <= 1, now=now,
                                  end_game_delay=cfg.end_game_delay)
