@@ -187,3 +187,18 @@ def test_bad_config_fails_before_training(tmp_path, capsys, opts, field):
     assert "configuration error" in err and field in err
     # nothing ran: no per-round statistics were written
     assert not list((tmp_path / "exp").rglob("bittorrent_rounds.jsonl"))
+
+
+def test_client_sampling_matches_plain_fedavg(tmp_path):
+    """Sampled clients train and publish; every client swarms and aggregates,
+    so all hold FS's global model after each round."""
+    sample = ["federate.sample_client_num", "2"]
+    bt_runner, _ = run_experiment(toy_cfg(tmp_path, name="bt"), BT + sample)
+    plain_runner, _ = run_experiment(toy_cfg(tmp_path, name="plain"), sample)
+    global_model = {k: v.detach() for k, v in plain_runner.server.models[0].state_dict().items()}
+    for cid, params in client_models(bt_runner).items():
+        for k, v in params.items():
+            torch.testing.assert_close(v, global_model[k], rtol=1e-5, atol=1e-6,
+                                       msg=f"client {cid} tensor {k}")
+    for s in round_stats(bt_runner):
+        assert len(s["completion"]) == 4 and s["completion_ratio"] == 1.0
