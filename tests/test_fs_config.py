@@ -540,3 +540,20 @@ def test_missing_node_named():
 def test_module_all_exports():
     for name in btc.__all__:
         assert hasattr(btc, name)
+
+
+@pytest.mark.parametrize("opts,field", [
+    (["fedopt.use", "True"], "fedopt.use"),
+    (["aggregator.robust_rule", "krum"], "aggregator.robust_rule"),
+    (["asyn.use", "True"], "asyn.use"),
+])
+def test_server_side_aggregation_features_are_refused_when_enabled(opts, field):
+    from fs_bittorrent.errors import ConfigError
+    from federatedscope.core.configs.config import global_cfg
+    cfg = global_cfg.clone()
+    cfg.federate.client_num = 4
+    cfg.merge_from_list(opts, check_cfg=False)
+    cfg.merge_from_list(["bittorrent.enable", "False"])  # fine while disabled
+    with pytest.raises(ConfigError) as err:
+        cfg.merge_from_list(["bittorrent.enable", "True"])
+    assert err.value.field == field and "not supported" in str(err.value)

@@ -321,6 +321,34 @@ def check_bittorrent_cfg(cfg: CfgNode) -> None:
 # typed, validated view
 # --------------------------------------------------------------------------- #
 
+# FS features whose work happens in the server's aggregation, which the
+# exchange replaces with FedAvg at every client: refuse them rather than
+# silently running plain FedAvg.  (key path, value that is fine, why)
+_SERVER_SIDE = (
+    ("fedopt.use", False, "FedOpt applies a server optimizer to the aggregate"),
+    ("aggregator.robust_rule", "fedavg", "robust rules (krum, median, ...) run at the server"),
+    ("asyn.use", False, "asynchronous FL aggregates stale updates at the server"),
+    ("federate.use_ss", False, "secret sharing sums shares through the server"),
+    ("federate.online_aggr", False, "online aggregation happens at the server"),
+    ("quantization.method", "none", "updates are de-quantized at the server"),
+    ("vertical.use", False, "vertical FL has no per-client full models to exchange"),
+)
+
+
+def _check_server_side_features(cfg: CfgNode) -> None:
+    for path, fine, why in _SERVER_SIDE:
+        node: Any = cfg
+        for part in path.split("."):
+            if not hasattr(node, part):
+                node = fine  # this FS build has no such option
+                break
+            node = getattr(node, part)
+        value = _plain(node)
+        if value != fine:
+            raise ConfigError(path, value, f"not supported with bittorrent.enable True: {why}; "
+                              f"clients aggregate FedAvg over the exchanged models")
+
+
 def _freeze_spec(s: Any) -> Any:
     return tuple(s) if isinstance(s, list) else s
 
@@ -457,6 +485,8 @@ class BitTorrentSettings:
                               "must be False when bittorrent.enable is True: the clients, not "
                               "the server, hold the aggregated model, so the server has no "
                               "model to evaluate")
+        if settings.enable:
+            _check_server_side_features(cfg)
         return settings
 
     # ---- derived objects ---------------------------------------------------
