@@ -342,24 +342,19 @@ def _check_index(index: int, limits: WireLimits) -> None:
         raise PieceIndexOutOfRange("index", index, f"swarm has {n} pieces")
 
 
-def _dec_choke(p: Buffer, limits: WireLimits) -> Message:
-    _check_len("choke", p, 1)
-    return Choke()
+def _dec_bare(name: str, cls: type) -> Callable[[Buffer, WireLimits], Message]:
+    """Decoder for a message that is its id alone (choke, unchoke, ...)."""
+    def decode(p: Buffer, limits: WireLimits) -> Message:
+        _check_len(name, p, 1)
+        return cls()
+    decode.__name__ = f"_dec_{name}"
+    return decode
 
 
-def _dec_unchoke(p: Buffer, limits: WireLimits) -> Message:
-    _check_len("unchoke", p, 1)
-    return Unchoke()
-
-
-def _dec_interested(p: Buffer, limits: WireLimits) -> Message:
-    _check_len("interested", p, 1)
-    return Interested()
-
-
-def _dec_not_interested(p: Buffer, limits: WireLimits) -> Message:
-    _check_len("not_interested", p, 1)
-    return NotInterested()
+_dec_choke = _dec_bare("choke", Choke)
+_dec_unchoke = _dec_bare("unchoke", Unchoke)
+_dec_interested = _dec_bare("interested", Interested)
+_dec_not_interested = _dec_bare("not_interested", NotInterested)
 
 
 def _dec_have(p: Buffer, limits: WireLimits) -> Message:
