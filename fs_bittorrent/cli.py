@@ -9,6 +9,7 @@ USAGE = """usage: fs-bittorrent COMMAND [ARGS]
 commands:
   run       run a FederatedScope experiment with the plugin (--cfg X.yaml [KEY VALUE ...])
   demo      swarm real model weights on the simulated network and verify them
+  inspect   sessions and pieces per round and peer in a piece store (DB path)
 """
 
 
@@ -21,6 +22,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if cmd == "run":
         from .fs.entry import main as run_main
         return run_main(rest)
+    if cmd == "inspect":
+        from .store.inspect import main as inspect_main
+        return inspect_main(rest)
     if cmd == "demo":
         from .demo import main as demo_main
         return demo_main(rest)

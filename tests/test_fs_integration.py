@@ -215,3 +215,38 @@ def test_standalone_runs_are_deterministic_for_a_seed(tmp_path):
     # and the seed matters: other links, other exchange times
     third, _ = run_experiment(toy_cfg(tmp_path, name="c"), opts + ["bittorrent.seed", "99"])
     assert [s["exchange_time"] for s in round_stats(third)] != [s["exchange_time"] for s in a]
+
+
+def test_round_metrics_files_parse_and_agree_with_the_store(tmp_path):
+    import csv
+    runner, _ = run_experiment(toy_cfg(tmp_path, clients=4), BT)
+    stats = round_stats(runner)
+    rows = list(csv.DictReader(open(Path(runner.cfg.outdir) / "bittorrent_rounds.csv")))
+    assert len(rows) == 4 * len(stats)
+    for row in rows:
+        s = stats[int(row["round"])]
+        c = row["client"]
+        assert int(row["bytes_up"]) == s["bytes_up"][c] and int(row["bytes_down"]) == \
+            s["bytes_down"][c]
+        assert float(row["completion"]) == s["completion"][c]
+        assert float(row["first_piece_time"]) == s["first_piece_time"][c]
+    for s in stats:
+        for c, line in s["timeline"].items():
+            times = [t for t, _ in line]
+            fractions = [f for _, f in line]
+            assert times == sorted(times) and fractions == sorted(fractions)
+            assert fractions[-1] == s["completion"][c]
+            assert 0 < s["first_piece_time"][c] <= s["exchange_time"]
+        # Every byte one client downloaded, another uploaded.
+        assert sum(s["bytes_down"].values()) <= sum(s["bytes_up"].values()) + 1
+    # The store agrees on what each client holds in the rounds it keeps.
+    from fs_bittorrent.store.sqlite_store import SQLitePieceStore
+    db = SQLitePieceStore(os.path.join(runner.settings.db_dir, "pieces.db"))
+    try:
+        for r in db.rounds():
+            total = sum(m.num_pieces for m in db.manifests(r))
+            for c, frac in stats[r]["completion"].items():
+                assert len(db.held_pieces(r, int(c))) == round(frac * total)
+                assert db.get_session(r, int(c))["state"] == "complete"
+    finally:
+        db.close()

@@ -47,6 +47,11 @@ class CompletionReport:
     bytes_down: int = 0
     exchange_time: float = 0.0     # seconds from the start of the exchange
     reason: str = ""
+    first_piece_time: float = -1.0  # seconds to the first verified piece (-1: none)
+    timeouts: int = 0
+    corrupt_pieces: int = 0
+    duplicate_blocks: int = 0
+    timeline: tuple[tuple[float, float], ...] = ()  # (seconds, completion) samples
 
     @property
     def completion(self) -> float:

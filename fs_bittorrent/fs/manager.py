@@ -27,6 +27,7 @@ worker loop and data plane.
 """
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -104,6 +105,7 @@ class ClientManager(BitTorrentManager):
         self.prev_global: Optional[dict] = None   # model at the start of the round
         self.local_model: Optional[dict] = None   # this round's trained model
         self.last_aggregate = None                # AggregateResult of the last round
+        self.timeline: list[tuple[float, float]] = []  # (seconds, completion) this round
         self.aggregate_cache: Optional[dict] = None  # shared by in-process clients
         for name in wire.PEER_MSG_NAMES:
             worker.register_handlers(name, self.on_peer_message)
@@ -172,6 +174,7 @@ class ClientManager(BitTorrentManager):
                                     secret=secret.encode(), now=now)
         self.started_at = now
         self.reported = self.aggregated = False
+        self.timeline = [(0.0, self.session.completion())]
         self.store.begin_session(round_idx, me, now=now)
         for peer in neighbours.get(me, []):
             if peer > me:  # one side opens each connection
@@ -217,6 +220,7 @@ class ClientManager(BitTorrentManager):
         if session is not self.session or session.closed:
             return
         self._emit(session.tick(self.now()))
+        self._sample()
         self._check_done()
         self.scheduler.call_at(self.now() + self.settings.tick_interval,
                                lambda: self._tick(session))
@@ -229,6 +233,13 @@ class ClientManager(BitTorrentManager):
         self._emit(session.deadline(self.now()))
         self._finish_exchange("deadline")
 
+    def _sample(self) -> None:
+        """Completion over time, for plots: one sample per tick while swarming,
+        thinned to at most ~200 points."""
+        self.timeline.append((self.now() - self.started_at, self.session.completion()))
+        if len(self.timeline) > 200:
+            self.timeline = self.timeline[::2]
+
     def _check_done(self) -> None:
         if self.session is not None and self.session.complete and not self.reported:
             self._finish_exchange("complete")
@@ -239,9 +250,15 @@ class ClientManager(BitTorrentManager):
         self._aggregate()
         s = self.session
         now = self.now()
+        self._sample()
+        first = s.stats.first_piece_at
         report = CompletionReport(self.round, s.complete, s.pieces_have, self.layout.num_pieces,
                                   s.stats.bytes_up, s.stats.bytes_down, now - self.started_at,
-                                  reason)
+                                  reason,
+                                  first_piece_time=-1.0 if first is None else first - self.started_at,
+                                  timeouts=s.stats.timeouts, corrupt_pieces=s.stats.corrupt_pieces,
+                                  duplicate_blocks=s.stats.duplicate_blocks,
+                                  timeline=tuple(self.timeline))
         self.reported = True
         self._send(self._message(wire.MSG_REPORT, [self.worker.server_id], self.round,
                                  wire.pack_report(report)))
@@ -424,6 +441,13 @@ class ServerManager(BitTorrentManager):
             "completion": {str(c): r.completion for c, r in sorted(e.reports.items())},
             "bytes_up": {str(c): r.bytes_up for c, r in sorted(e.reports.items())},
             "bytes_down": {str(c): r.bytes_down for c, r in sorted(e.reports.items())},
+            "first_piece_time": {str(c): r.first_piece_time for c, r in sorted(e.reports.items())},
+            "timeouts": {str(c): r.timeouts for c, r in sorted(e.reports.items())},
+            "corrupt_pieces": {str(c): r.corrupt_pieces for c, r in sorted(e.reports.items())},
+            "duplicate_blocks": {str(c): r.duplicate_blocks
+                                 for c, r in sorted(e.reports.items())},
+            "timeline": {str(c): [list(x) for x in r.timeline]
+                         for c, r in sorted(e.reports.items())},
             "model_bytes": sum(sizes.values()),
             "t_lb": t_lb,
             "eta": (t_lb / exchange_time) if t_lb and exchange_time > 0 else None,
@@ -436,6 +460,26 @@ class ServerManager(BitTorrentManager):
         os.makedirs(outdir, exist_ok=True)
         with open(os.path.join(outdir, "bittorrent_rounds.jsonl"), "a") as f:
             f.write(json.dumps(stats) + "\n")
+        # The same figures per client, one row each, for spreadsheets.
+        path = os.path.join(outdir, "bittorrent_rounds.csv")
+        new = not os.path.exists(path)
+        with open(path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(CSV_COLUMNS)
+            for c in sorted(stats["completion"], key=int):
+                w.writerow([stats["round"], c, stats["reason"], stats["clock"],
+                            stats["exchange_time"], stats["completion"][c],
+                            stats["bytes_up"][c], stats["bytes_down"][c],
+                            stats["first_piece_time"][c], stats["timeouts"][c],
+                            stats["corrupt_pieces"][c], stats["duplicate_blocks"][c],
+                            "" if stats["t_lb"] is None else stats["t_lb"],
+                            "" if stats["eta"] is None else stats["eta"]])
+
+
+CSV_COLUMNS = ("round", "client", "reason", "clock", "exchange_time", "completion",
+               "bytes_up", "bytes_down", "first_piece_time", "timeouts", "corrupt_pieces",
+               "duplicate_blocks", "t_lb", "eta")
 
 
 def experiment_name(cfg: Any) -> str:

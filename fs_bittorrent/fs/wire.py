@@ -94,7 +94,20 @@ def pack_report(report: CompletionReport) -> dict:
     return {"round": report.round, "complete": int(report.complete),
             "pieces_have": report.pieces_have, "pieces_total": report.pieces_total,
             "bytes_up": report.bytes_up, "bytes_down": report.bytes_down,
-            "exchange_time": float(report.exchange_time), "reason": report.reason}
+            "exchange_time": float(report.exchange_time), "reason": report.reason,
+            "first_piece_time": float(report.first_piece_time),
+            "timeouts": report.timeouts, "corrupt_pieces": report.corrupt_pieces,
+            "duplicate_blocks": report.duplicate_blocks,
+            "timeline": [[float(t), float(c)] for t, c in report.timeline]}
+
+
+def _timeline(content: Any) -> tuple[tuple[float, float], ...]:
+    raw = content.get("timeline", []) if isinstance(content, Mapping) else []
+    try:
+        return tuple((float(t), float(c)) for t, c in raw)
+    except (TypeError, ValueError):
+        raise ProtocolError(f"{MSG_REPORT}.timeline", raw, "must be [[seconds, completion], ...]") \
+            from None
 
 
 def unpack_report(content: Any) -> CompletionReport:
@@ -106,4 +119,9 @@ def unpack_report(content: Any) -> CompletionReport:
         bytes_up=_require(content, "bytes_up", int, MSG_REPORT),
         bytes_down=_require(content, "bytes_down", int, MSG_REPORT),
         exchange_time=_require(content, "exchange_time", float, MSG_REPORT),
-        reason=_require(content, "reason", str, MSG_REPORT))
+        reason=_require(content, "reason", str, MSG_REPORT),
+        first_piece_time=_require(content, "first_piece_time", float, MSG_REPORT),
+        timeouts=_require(content, "timeouts", int, MSG_REPORT),
+        corrupt_pieces=_require(content, "corrupt_pieces", int, MSG_REPORT),
+        duplicate_blocks=_require(content, "duplicate_blocks", int, MSG_REPORT),
+        timeline=_timeline(content))
