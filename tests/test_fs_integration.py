@@ -250,3 +250,18 @@ def test_round_metrics_files_parse_and_agree_with_the_store(tmp_path):
                 assert db.get_session(r, int(c))["state"] == "complete"
     finally:
         db.close()
+
+
+def test_progress_bar_counts_every_piece_of_every_round(tmp_path, monkeypatch):
+    import io
+    from fs_bittorrent.fs import runner as runner_mod
+    from fs_bittorrent.fs.progress import SwarmProgress
+    buf = io.StringIO()
+    monkeypatch.setattr(runner_mod, "SwarmProgress",
+                        lambda: SwarmProgress(enabled=True, file=buf))
+    run_experiment(toy_cfg(tmp_path, clients=4), BT)
+    out = buf.getvalue()
+    # 4 clients x 3 other owners x 2 pieces each = 24 pieces per round
+    for r in range(3):
+        assert f"round {r} exchange: 100%" in out and "24/24" in out
+    assert SwarmProgress().enabled is False  # quiet under pytest (no terminal)

@@ -106,6 +106,8 @@ class ClientManager(BitTorrentManager):
         self.local_model: Optional[dict] = None   # this round's trained model
         self.last_aggregate = None                # AggregateResult of the last round
         self.timeline: list[tuple[float, float]] = []  # (seconds, completion) this round
+        self.progress = None                      # a SwarmProgress shared by the host
+        self._pieces_seen = 0
         self.aggregate_cache: Optional[dict] = None  # shared by in-process clients
         for name in wire.PEER_MSG_NAMES:
             worker.register_handlers(name, self.on_peer_message)
@@ -113,9 +115,10 @@ class ClientManager(BitTorrentManager):
         worker.register_handlers(wire.MSG_ROUND_END, self.on_round_end)
 
     def attach(self, scheduler: Scheduler, transport: PeerTransport, store: Any,
-               aggregate_cache: Optional[dict] = None) -> None:
+               aggregate_cache: Optional[dict] = None, progress: Any = None) -> None:
         self.scheduler, self.transport, self.store = scheduler, transport, store
         self.aggregate_cache = aggregate_cache
+        self.progress = progress
 
     # ---- training side -----------------------------------------------------------
     def before_training(self, content: Any) -> Any:
@@ -175,6 +178,9 @@ class ClientManager(BitTorrentManager):
         self.started_at = now
         self.reported = self.aggregated = False
         self.timeline = [(0.0, self.session.completion())]
+        self._pieces_seen = self.session.pieces_have
+        if self.progress is not None:
+            self.progress.start(round_idx, self.layout.num_pieces - self._pieces_seen)
         self.store.begin_session(round_idx, me, now=now)
         for peer in neighbours.get(me, []):
             if peer > me:  # one side opens each connection
@@ -241,6 +247,10 @@ class ClientManager(BitTorrentManager):
             self.timeline = self.timeline[::2]
 
     def _check_done(self) -> None:
+        if self.progress is not None and self.session is not None:
+            have = self.session.pieces_have
+            self.progress.advance(self.round, have - self._pieces_seen)
+            self._pieces_seen = have
         if self.session is not None and self.session.complete and not self.reported:
             self._finish_exchange("complete")
 
@@ -294,6 +304,8 @@ class ClientManager(BitTorrentManager):
             return
         s = self.session
         now = self.now()
+        if self.progress is not None:
+            self.progress.finish(self.round)
         if not s.closed:
             if not s.complete:
                 self._emit(s.deadline(now))

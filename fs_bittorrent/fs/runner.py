@@ -29,6 +29,7 @@ from ..core.messages import message_size
 from ..sim.network import VirtualNetwork
 from ..store.sqlite_store import SQLitePieceStore
 from .config import BitTorrentSettings
+from .progress import SwarmProgress
 from .wire import PEER_MESSAGE_TYPES
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,9 @@ class BitTorrentStandaloneRunner(StandaloneRunner):
         os.makedirs(self.settings.db_dir, exist_ok=True)
         self.store = SQLitePieceStore(os.path.join(self.settings.db_dir, "pieces.db"))
         aggregate_cache: dict = {}
+        self.progress = SwarmProgress()
         for cid, client in self.client.items():
-            client.bt.attach(self, self, self.store, aggregate_cache)
+            client.bt.attach(self, self, self.store, aggregate_cache, self.progress)
         self.server.bt.attach(self, self.links)
 
     # ---- Scheduler -----------------------------------------------------------------
@@ -106,4 +108,5 @@ class BitTorrentStandaloneRunner(StandaloneRunner):
             elif not self.network.step():
                 break
         self._closed.clear()
+        self.progress.close()
         self.store.close()
