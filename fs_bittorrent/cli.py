@@ -10,6 +10,7 @@ commands:
   run       run a FederatedScope experiment with the plugin (--cfg X.yaml [KEY VALUE ...])
   demo      swarm real model weights on the simulated network and verify them
   inspect   sessions and pieces per round and peer in a piece store (DB path)
+  report    PNG plots and an HTML page for a run's outdir (--compare OTHER_OUTDIR)
 """
 
 
@@ -22,6 +23,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if cmd == "run":
         from .fs.entry import main as run_main
         return run_main(rest)
+    if cmd == "report":
+        from .report.cli import main as report_main
+        return report_main(rest)
     if cmd == "inspect":
         from .store.inspect import main as inspect_main
         return inspect_main(rest)
