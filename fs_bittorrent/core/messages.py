@@ -138,7 +138,6 @@ MESSAGE_TYPES: dict[int, type] = {
 _FIXED_SIZES: dict[type, int] = {
     Request: 4 + 1 + 12, Cancel: 4 + 1 + 12, Have: 4 + 1 + 4, Credit: 4 + 1 + 4,
     KeepAlive: 4, Choke: 5, Unchoke: 5, Interested: 5, NotInterested: 5,
-    Handshake: 1 + len(PROTOCOL_NAME) + 8 + SWARM_ID_LEN + 4 + 4 + AUTH_LEN,
 }
 
 

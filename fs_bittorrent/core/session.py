@@ -62,7 +62,6 @@ class SessionStats:
     duplicate_blocks: int = 0
     unrequested_blocks: int = 0
     timeouts: int = 0
-    retries: int = 0
     cancels_sent: int = 0
     credit_violations: int = 0
     protocol_errors: int = 0
@@ -685,7 +684,6 @@ class SwarmSession:
                 break
             p.counters.timeouts += 1
             self.stats.timeouts += 1
-            self.stats.retries += 1
             if (index, begin) in p.duplicates:   # an end-game copy: just drop it
                 length = self.picker.block_length(index, begin)
                 p.request_done(index, begin, length)
