@@ -21,40 +21,9 @@ import torch  # noqa: E402
 
 from fs_bittorrent.fs.entry import main as run_main  # noqa: E402
 from fs_bittorrent.fs.entry import run_experiment  # noqa: E402
+from fs_helpers import BT, toy_cfg  # noqa: E402
 
 pytestmark = pytest.mark.fs
-
-TOY = """
-use_gpu: False
-device: -1
-seed: 3
-federate:
-  mode: standalone
-  client_num: {clients}
-  total_round_num: {rounds}
-data:
-  type: toy
-model:
-  type: lr
-trainer:
-  type: general
-eval:
-  freq: 1
-  metrics: ['loss_regular']
-  count_flops: False
-outdir: {outdir}
-"""
-
-
-def toy_cfg(tmp_path: Path, clients: int = 4, rounds: int = 3, name: str = "exp") -> str:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(TOY.format(clients=clients, rounds=rounds, outdir=tmp_path / name))
-    return str(path)
-
-
-BT = ["bittorrent.enable", "True", "bittorrent.piece_size", "128",
-      "bittorrent.block_size", "64", "bittorrent.timeout", "30.0"]
-
 
 def round_stats(runner) -> list[dict]:
     path = Path(runner.cfg.outdir) / "bittorrent_rounds.jsonl"

@@ -16,46 +16,17 @@ import numpy as np  # noqa: E402
 from fs_bittorrent.fs.entry import run_experiment  # noqa: E402
 from fs_bittorrent.report import parse_eval_line  # noqa: E402
 from fs_bittorrent.report.cli import main  # noqa: E402
+from fs_helpers import toy_cfg  # noqa: E402
 
 pytestmark = pytest.mark.fs
-
-TOY = """
-use_gpu: False
-device: -1
-seed: 1
-federate:
-  mode: standalone
-  client_num: 4
-  total_round_num: 3
-data:
-  type: toy
-model:
-  type: lr
-trainer:
-  type: general
-eval:
-  freq: 1
-  metrics: ['loss_regular']
-  count_flops: False
-outdir: {outdir}
-bittorrent:
-  enable: {enable}
-  piece_size: 1024
-  block_size: 256
-  timeout: 30.0
-  network:
-    upload: 100
-    download: 100
-    latency: 0.005
-"""
 
 PNGS = ["completion.png", "bytes.png", "eta.png", "metric.png"]
 
 
 def _run(tmp: Path, name: str, enable: bool) -> Path:
-    cfg = tmp / f"{name}.yaml"
-    cfg.write_text(TOY.format(outdir=tmp / name, enable=enable))
-    run_experiment(str(cfg), [])
+    run_experiment(toy_cfg(tmp, name=name), ["bittorrent.enable", str(enable),
+                                             "bittorrent.piece_size", "1024",
+                                             "bittorrent.block_size", "256"])
     return tmp / name
 
 
