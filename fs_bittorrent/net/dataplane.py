@@ -67,7 +67,7 @@ from ..errors import BitTorrentError, HandshakeRefused
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DataPlanePeer", "HostStats", "connect_mesh", "run_swarm"]
+__all__ = ["DataPlanePeer", "HostStats", "PeerHost", "check_handshake", "connect_mesh", "run_swarm"]
 
 _READ_CHUNK = 256 * 1024
 _CLOSE = object()          # sender-queue sentinel: flush, then close the socket
@@ -99,7 +99,7 @@ class _Conn:
     """One TCP connection; ``pid`` is None until the handshake named it."""
 
     __slots__ = ("pid", "dialer", "reader", "writer", "queue", "tasks", "closed",
-                 "registered", "addr")
+                 "registered", "addr", "round")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  pid: Optional[int], dialer: Optional[int]) -> None:
@@ -111,6 +111,7 @@ class _Conn:
         self.tasks: list[asyncio.Task] = []
         self.closed = False
         self.registered = False
+        self.round: Optional[int] = None    # the swarm round it belongs to, if any
         try:
             self.addr = writer.get_extra_info("peername")
         except Exception:  # pragma: no cover
@@ -120,25 +121,23 @@ class _Conn:
         return f"<conn pid={self.pid} dialer={self.dialer} addr={self.addr}>"
 
 
-class DataPlanePeer:
-    """Owns one session, a listening server on ``host`` and one TCP
-    connection per remote peer.
+class PeerHost:
+    """TCP mechanics shared by the data-plane hosts: a listening server, one
+    connection per remote peer (lower id's dial wins), a reader and a sender
+    task per connection, and clean shutdown.
 
-    >>> peer = DataPlanePeer(session)            # doctest: +SKIP
-    >>> await peer.start(); print(peer.port)     # doctest: +SKIP
-    >>> await peer.connect_to(1, "127.0.0.1", port_of_1)
-    >>> ok = await peer.run_until_complete(timeout=30)
-    >>> await peer.close()
+    What a message *means* is left to the subclass, through four hooks:
+    ``_accept_handshake`` (may wait, may raise), ``_limits`` (the decoder's
+    limits once a connection is bound), ``_deliver`` (one decoded message)
+    and ``_lost`` (a registered connection went away).
     """
 
-    def __init__(self, session: SwarmSession, host: str = "127.0.0.1", port: int = 0,
-                 tick_interval: float = 0.1, handshake_timeout: float = 10.0,
-                 connect_timeout: float = 5.0) -> None:
-        self.session = session
-        self.peer_id = session.peer_id
+    def __init__(self, peer_id: int, host: str = "127.0.0.1", port: int = 0,
+                 handshake_timeout: float = 10.0, connect_timeout: float = 5.0,
+                 max_block_size: int = 128 * 1024) -> None:
+        self.peer_id = peer_id
         self.host = host
         self.port = port
-        self.tick_interval = tick_interval
         self.handshake_timeout = handshake_timeout
         self.connect_timeout = connect_timeout
         self.stats = HostStats()
@@ -146,44 +145,40 @@ class DataPlanePeer:
         self._conns: dict[int, _Conn] = {}          # peer id -> live connection
         self._all: set[_Conn] = set()               # every open connection
         self._tasks: set[asyncio.Task] = set()
-        self._complete = asyncio.Event()
         self._closed = False
-        self._limits = WireLimits(num_pieces=session.layout.num_pieces,
-                                  max_block_size=session.config.max_block_size)
         # Before the handshake the layout is unknown to the decoder: pieces
         # and bitfields are bounded by the block limit only.
-        self._pre_limits = WireLimits(max_block_size=session.config.max_block_size)
+        self._pre_limits = WireLimits(max_block_size=max_block_size)
+
+    # ---- hooks --------------------------------------------------------------
+    async def _accept_handshake(self, conn: _Conn, hs: Handshake) -> None:
+        """Raise :class:`HandshakeRefused` unless ``hs`` may bind ``conn``."""
+        raise NotImplementedError
+
+    def _limits(self, conn: _Conn) -> WireLimits:
+        raise NotImplementedError
+
+    def _deliver(self, conn: _Conn, msg: object) -> None:
+        raise NotImplementedError
+
+    def _lost(self, conn: _Conn) -> None:
+        raise NotImplementedError
 
     # ---- life cycle ---------------------------------------------------------
     async def start(self) -> None:
-        """Listen on ``host:port`` (port 0 picks a free one) and start ticking."""
+        """Listen on ``host:port`` (port 0 picks a free one)."""
         if self._server is not None:
             return
         self._server = await asyncio.start_server(self._on_accept, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
-        self._spawn(self._tick_loop(), f"tick-{self.peer_id}")
-        self._check_complete()
 
     @property
     def connected_peers(self) -> list[int]:
         return sorted(self._conns)
 
-    @property
-    def complete(self) -> bool:
-        return self.session.complete
-
-    async def connect_to(self, peer_id: int, host: str, port: int) -> bool:
-        """Dial ``peer_id`` and send our handshake; False if the dial failed.
-
-        Dials even when ``peer_id`` is lower than ours (see the module
-        docstring for how a crossed pair is resolved); :func:`connect_mesh`
-        is the helper that dials only upward.
-        """
-        if self._closed or peer_id == self.peer_id:
-            return False
-        live = self._conns.get(peer_id)
-        if live is not None and live.dialer == min(self.peer_id, peer_id):
-            return True                  # already on the connection that would win
+    async def _dial(self, peer_id: int, host: str, port: int) -> Optional[_Conn]:
+        """Open a connection to ``peer_id``, register it and start its tasks;
+        None if the dial failed or a live connection wins."""
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(host, port), self.connect_timeout)
@@ -192,41 +187,30 @@ class DataPlanePeer:
             self.stats.errors.append(f"dial {peer_id} at {host}:{port}: {exc!r}")
             log.info("peer %s: cannot dial peer %s at %s:%s: %r", self.peer_id, peer_id,
                      host, port, exc)
-            return False
+            return None
         if self._closed:
             writer.close()
-            return False
+            return None
         self.stats.connections_dialed += 1
         conn = _Conn(reader, writer, peer_id, self.peer_id)
         self._all.add(conn)
         if not self._register(conn):
-            return False
+            return None
         self._start_conn(conn)
-        self._route(self.session.connect(peer_id, now()))
-        return True
-
-    async def run_until_complete(self, timeout: float) -> bool:
-        """Wait (serving others meanwhile) until the session holds every
-        piece; False on timeout.  The peer keeps serving until :meth:`close`."""
-        self._check_complete()
-        try:
-            await asyncio.wait_for(self._complete.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
+        return conn
 
     async def close(self) -> None:
-        """Close the session, every connection and the server; cancel and
-        await every task this peer started."""
+        """Close every connection and the server; cancel and await every
+        task this host started."""
         if self._closed:
             return
         self._closed = True
-        self.session.close(now())           # releases every per-transfer record
         if self._server is not None:
             self._server.close()
         for conn in list(self._all):
             conn.closed = True
-            conn.writer.close()
+            if conn.writer is not None:
+                conn.writer.close()
         current = asyncio.current_task()
         tasks = [t for t in self._tasks if t is not current]
         for t in tasks:
@@ -234,6 +218,8 @@ class DataPlanePeer:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         for conn in list(self._all):
+            if conn.writer is None:
+                continue
             try:
                 await asyncio.wait_for(conn.writer.wait_closed(), 1.0)
             except (Exception, asyncio.CancelledError):  # reset, timeout: closed anyway
@@ -257,14 +243,6 @@ class DataPlanePeer:
         tag = f"{self.peer_id}<->{conn.pid if conn.pid is not None else '?'}"
         conn.tasks.append(self._spawn(self._reader_loop(conn), f"read-{tag}"))
         conn.tasks.append(self._spawn(self._sender_loop(conn), f"send-{tag}"))
-
-    async def _tick_loop(self) -> None:
-        while not self._closed:
-            await asyncio.sleep(self.tick_interval)
-            if self._closed:
-                return
-            self._route(self.session.tick(now()))
-            self._check_complete()
 
     def _on_accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._closed:
@@ -298,13 +276,11 @@ class DataPlanePeer:
                     if msg is None:
                         break
                     if type(msg) is Handshake:
-                        if not self._on_handshake(conn, msg):
+                        if not await self._on_handshake(conn, msg):
                             return
-                        decoder.set_limits(self._limits)
+                        decoder.set_limits(self._limits(conn))
                         continue
-                    out = self.session.handle(conn.pid, msg, now())
-                    self._route(out)
-                self._check_complete()
+                    self._deliver(conn, msg)
         except asyncio.TimeoutError:
             self.stats.handshake_timeouts += 1
             reason = "handshake timeout"
@@ -324,36 +300,24 @@ class DataPlanePeer:
                 self.stats.connections_lost += 1
             self._drop(conn, reason, graceful=False)
 
-    def _on_handshake(self, conn: _Conn, hs: Handshake) -> bool:
+    async def _on_handshake(self, conn: _Conn, hs: Handshake) -> bool:
         """Bind ``conn`` to the handshake's peer id; False if it was closed
         as the losing side of a crossed pair.  Raises on a bad handshake."""
         if conn.pid is not None:                       # we dialed: must be who we called
             if hs.peer_id != conn.pid:
                 raise HandshakeRefused("peer_id", hs.peer_id, f"we dialed peer {conn.pid}")
-            self._route(self.session.handle(conn.pid, hs, now()))
+            self._deliver(conn, hs)
             return True
-        self._precheck(hs)
+        # Checked before an unproven handshake may displace a live connection.
+        await self._accept_handshake(conn, hs)
+        if conn.closed:
+            return False
         conn.pid = hs.peer_id
         conn.dialer = hs.peer_id
         if not self._register(conn):
             return False
-        self._route(self.session.handle(conn.pid, hs, now()))
+        self._deliver(conn, hs)
         return True
-
-    def _precheck(self, hs: Handshake) -> None:
-        """The session's own checks, run before an unproven handshake may
-        displace a live connection (the session repeats them)."""
-        s = self.session
-        if hs.swarm_id != s.layout.swarm_id:
-            raise HandshakeRefused("swarm_id", hs.swarm_id.hex(),
-                                   "another experiment, round or set of manifests")
-        if hs.peer_id == self.peer_id:
-            raise HandshakeRefused("peer_id", hs.peer_id, "that is our own id")
-        if s.secret and not hmac.compare_digest(
-                hs.auth, make_auth(s.secret, s.layout.swarm_id, hs.peer_id)):
-            raise HandshakeRefused("auth", hs.auth.hex()[:16], "bad experiment secret")
-        if hs.peer_id in s.banned:
-            raise HandshakeRefused("peer_id", hs.peer_id, "banned this round")
 
     def _register(self, conn: _Conn) -> bool:
         """Make ``conn`` the connection to ``conn.pid`` unless a live one wins
@@ -375,22 +339,20 @@ class DataPlanePeer:
         return True
 
     # ---- outbound -----------------------------------------------------------
-    def _route(self, out) -> None:
-        for pid, msg in out:
-            conn = self._conns.get(pid)
-            if type(msg) is Close:
-                self.stats.closes_by_session += 1
-                log.info("peer %s: session closes peer %s: %s", self.peer_id, pid, msg.reason)
-                if conn is not None:
-                    self._drop(conn, msg.reason, graceful=True)
-                else:
-                    self.session.peer_lost(pid, now())
-                continue
-            if conn is None or conn.closed:
-                log.debug("peer %s: no connection to %s; %s dropped", self.peer_id, pid,
-                          type(msg).__name__)
-                continue
-            conn.queue.put_nowait(msg)
+    def _enqueue(self, pid: int, msg: object) -> None:
+        """Queue one message (or a session's ``Close``) for peer ``pid``."""
+        conn = self._conns.get(pid)
+        if type(msg) is Close:
+            self.stats.closes_by_session += 1
+            log.info("peer %s: session closes peer %s: %s", self.peer_id, pid, msg.reason)
+            if conn is not None:
+                self._drop(conn, msg.reason, graceful=True)
+            return
+        if conn is None or conn.closed:
+            log.debug("peer %s: no connection to %s; %s dropped", self.peer_id, pid,
+                      type(msg).__name__)
+            return
+        conn.queue.put_nowait(msg)
 
     async def _sender_loop(self, conn: _Conn) -> None:
         writer, queue = conn.writer, conn.queue
@@ -421,16 +383,16 @@ class DataPlanePeer:
                 self._drop(conn, repr(exc), graceful=False)
 
     def _drop(self, conn: _Conn, reason: str, graceful: bool) -> None:
-        """Forget ``conn``; tell the session if it was the peer's connection.
+        """Forget ``conn``; tell the subclass if it was the peer's connection.
 
         ``graceful``: flush what is queued before closing the socket (a
         session's ``Close``); otherwise close it now."""
         if conn.closed:
             return
         conn.closed = True
-        if conn.registered and self._conns.get(conn.pid) is conn:
+        was_live = conn.registered and self._conns.get(conn.pid) is conn
+        if was_live:
             del self._conns[conn.pid]
-            self.session.peer_lost(conn.pid, now())
         conn.registered = False
         self._all.discard(conn)
         current = asyncio.current_task()
@@ -446,10 +408,127 @@ class DataPlanePeer:
             conn.writer.close()
         # Closing the socket is enough for the remote side; the task that
         # owns the stream finishes on its own (or was cancelled above).
+        if was_live:
+            self._lost(conn)
+
+
+class DataPlanePeer(PeerHost):
+    """Owns one session, a listening server on ``host`` and one TCP
+    connection per remote peer.
+
+    >>> peer = DataPlanePeer(session)            # doctest: +SKIP
+    >>> await peer.start(); print(peer.port)     # doctest: +SKIP
+    >>> await peer.connect_to(1, "127.0.0.1", port_of_1)
+    >>> ok = await peer.run_until_complete(timeout=30)
+    >>> await peer.close()
+    """
+
+    def __init__(self, session: SwarmSession, host: str = "127.0.0.1", port: int = 0,
+                 tick_interval: float = 0.1, handshake_timeout: float = 10.0,
+                 connect_timeout: float = 5.0) -> None:
+        super().__init__(session.peer_id, host, port, handshake_timeout, connect_timeout,
+                         session.config.max_block_size)
+        self.session = session
+        self.tick_interval = tick_interval
+        self._complete = asyncio.Event()
+        self._layout_limits = WireLimits(num_pieces=session.layout.num_pieces,
+                                         max_block_size=session.config.max_block_size)
+
+    async def start(self) -> None:
+        """Listen and start ticking."""
+        if self._server is not None:
+            return
+        await super().start()
+        self._spawn(self._tick_loop(), f"tick-{self.peer_id}")
+        self._check_complete()
+
+    @property
+    def complete(self) -> bool:
+        return self.session.complete
+
+    async def connect_to(self, peer_id: int, host: str, port: int) -> bool:
+        """Dial ``peer_id`` and send our handshake; False if the dial failed.
+
+        Dials even when ``peer_id`` is lower than ours (see the module
+        docstring for how a crossed pair is resolved); :func:`connect_mesh`
+        is the helper that dials only upward.
+        """
+        if self._closed or peer_id == self.peer_id:
+            return False
+        live = self._conns.get(peer_id)
+        if live is not None and live.dialer == min(self.peer_id, peer_id):
+            return True                  # already on the connection that would win
+        if await self._dial(peer_id, host, port) is None:
+            return False
+        self._route(self.session.connect(peer_id, now()))
+        return True
+
+    async def run_until_complete(self, timeout: float) -> bool:
+        """Wait (serving others meanwhile) until the session holds every
+        piece; False on timeout.  The peer keeps serving until :meth:`close`."""
+        self._check_complete()
+        try:
+            await asyncio.wait_for(self._complete.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Close the session (releasing every per-transfer record), then the
+        connections, the server and every task."""
+        if not self._closed:
+            self.session.close(now())
+        await super().close()
+
+    async def _tick_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self.tick_interval)
+            if self._closed:
+                return
+            self._route(self.session.tick(now()))
+            self._check_complete()
+
+    # ---- hooks --------------------------------------------------------------
+    async def _accept_handshake(self, conn: _Conn, hs: Handshake) -> None:
+        check_handshake(self.session, hs)
+
+    def _limits(self, conn: _Conn) -> WireLimits:
+        return self._layout_limits
+
+    def _deliver(self, conn: _Conn, msg: object) -> None:
+        self._route(self.session.handle(conn.pid, msg, now()))
+        self._check_complete()
+
+    def _lost(self, conn: _Conn) -> None:
+        self.session.peer_lost(conn.pid, now())
+
+    def _route(self, out) -> None:
+        for pid, msg in out:
+            if type(msg) is Close and pid not in self._conns:
+                self.stats.closes_by_session += 1
+                self.session.peer_lost(pid, now())
+                continue
+            self._enqueue(pid, msg)
 
     def _check_complete(self) -> None:
         if self.session.complete and not self._complete.is_set():
             self._complete.set()
+
+
+def check_handshake(session: SwarmSession, hs: Handshake) -> None:
+    """The session's own handshake checks (swarm id, not ourselves, the
+    experiment secret's HMAC, bans), run by a host before an unproven
+    handshake may take over a connection; the session repeats them."""
+    if hs.swarm_id != session.layout.swarm_id:
+        raise HandshakeRefused("swarm_id", hs.swarm_id.hex(),
+                               "another experiment, round or set of manifests")
+    if hs.peer_id == session.peer_id:
+        raise HandshakeRefused("peer_id", hs.peer_id, "that is our own id")
+    if session.secret and not hmac.compare_digest(
+            hs.auth, make_auth(session.secret, session.layout.swarm_id, hs.peer_id)):
+        raise HandshakeRefused("auth", hs.auth.hex()[:16], "bad experiment secret")
+    if hs.peer_id in session.banned:
+        raise HandshakeRefused("peer_id", hs.peer_id, "banned this round")
 
 
 async def connect_mesh(peers: Sequence[DataPlanePeer], host: str = "127.0.0.1") -> None:

@@ -1,0 +1,193 @@
+"""The data plane of one FederatedScope client in distributed mode.
+
+Unlike :class:`~fs_bittorrent.net.dataplane.DataPlanePeer`, which owns one
+session, this host lives for the whole experiment and serves one swarm round
+after another.  The ``ClientManager`` stays in charge of the session: the
+host is its ``PeerTransport`` (``send_peer``/``close_peer``) and hands every
+decoded message to ``handler.handle_peer(peer, round, msg)``.
+
+Rounds
+------
+``begin_round(r, session, addresses)`` makes ``r`` current: connections of
+earlier rounds are closed and their swarm ids remembered.  Every connection
+belongs to the round its handshake named:
+
+* a handshake for the **current** round is checked (swarm id, HMAC with the
+  experiment secret, bans) before it can take over a connection;
+* one for an **old** round is refused at once and logged;
+* one for a swarm id not known yet -- a faster peer that already started the
+  **next** round -- is *parked*: the connection waits (the kernel buffers
+  what follows, so the sender is throttled by TCP) until ``begin_round``
+  installs that round, or is refused after ``handshake_timeout``.
+
+Dialing
+-------
+The manager's session only connects upwards (lower id dials).  The first
+message to a peer without a connection starts a dial to the address the
+server published for it; messages queue until the connection is up.  A dial
+is retried with back-off (``dial_attempts``); when it finally fails the
+handler hears ``peer_closed`` and the session moves that peer's pieces on.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Optional, Protocol
+
+from ..core.codec import WireLimits
+from ..core.messages import Handshake
+from ..core.session import Close, SwarmSession
+from ..errors import HandshakeRefused
+from .dataplane import PeerHost, _Conn, check_handshake
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RoundDataPlane", "RoundHandler"]
+
+_PAST_ROUNDS_KEPT = 64        # swarm ids of old rounds remembered for refusals
+
+
+class RoundHandler(Protocol):
+    def handle_peer(self, peer: int, round_idx: int, msg: object) -> None: ...
+    def peer_closed(self, peer: int, round_idx: int) -> None: ...
+
+
+class RoundDataPlane(PeerHost):
+    """Persistent listener + per-round connections for one FS client."""
+
+    def __init__(self, handler: RoundHandler, host: str = "127.0.0.1", port: int = 0,
+                 handshake_timeout: float = 10.0, connect_timeout: float = 5.0,
+                 dial_attempts: int = 4, max_block_size: int = 128 * 1024) -> None:
+        super().__init__(-1, host, port, handshake_timeout, connect_timeout, max_block_size)
+        self.handler = handler
+        self.dial_attempts = dial_attempts
+        self.round: Optional[int] = None
+        self.session: Optional[SwarmSession] = None
+        self.addresses: dict[int, tuple[str, int]] = {}
+        self.parked = 0                               # handshakes that waited for a round
+        self._past_swarms: dict[bytes, int] = {}      # swarm id -> round, for refusals
+        self._pending: dict[int, list] = {}           # peer -> messages queued while dialing
+        self._round_changed = asyncio.Event()
+        self._limits_now = self._pre_limits
+
+    @property
+    def address(self) -> str:
+        """``host:port`` as published to the server (after :meth:`start`)."""
+        return f"{self.host}:{self.port}"
+
+    # ---- rounds -------------------------------------------------------------
+    def begin_round(self, round_idx: int, session: SwarmSession,
+                    addresses: dict[int, tuple[str, int]]) -> None:
+        """Make ``round_idx`` current; close what is left of older rounds."""
+        self.end_round()
+        self.peer_id = session.peer_id
+        self.round, self.session = round_idx, session
+        self.addresses = dict(addresses)
+        self._limits_now = WireLimits(num_pieces=session.layout.num_pieces,
+                                      max_block_size=session.config.max_block_size)
+        # Wake parked handshakes: theirs may be this round.
+        self._round_changed.set()
+        self._round_changed = asyncio.Event()
+
+    def end_round(self) -> None:
+        """Forget the current round: close its connections (flushing what
+        is queued) and remember its swarm id, so late handshakes for it are
+        refused as old rather than parked."""
+        if self.session is not None:
+            self._past_swarms[self.session.layout.swarm_id] = self.round
+            while len(self._past_swarms) > _PAST_ROUNDS_KEPT:
+                self._past_swarms.pop(next(iter(self._past_swarms)))
+        for conn in list(self._conns.values()):
+            self._drop(conn, "round over", graceful=True)
+        self._pending.clear()
+        self.round, self.session = None, None
+
+    # ---- PeerTransport --------------------------------------------------------
+    def send_peer(self, src: int, dst: int, round_idx: int, msg: object) -> None:
+        if self._closed or round_idx != self.round:
+            return
+        if dst in self._pending:
+            self._pending[dst].append(msg)
+            return
+        conn = self._conns.get(dst)
+        if conn is None and type(msg) is Handshake and dst in self.addresses:
+            self._pending[dst] = [msg]
+            self._spawn(self._dial_round(dst, round_idx), f"dial-{self.peer_id}->{dst}")
+            return
+        self._enqueue(dst, msg)
+
+    def close_peer(self, src: int, dst: int, round_idx: int) -> None:
+        if round_idx != self.round:
+            return
+        self._pending.pop(dst, None)
+        conn = self._conns.get(dst)
+        if conn is not None:
+            self._enqueue(dst, Close("closed by the session"))
+
+    async def _dial_round(self, dst: int, round_idx: int) -> None:
+        host, port = self.addresses[dst]
+        delay = 0.2
+        conn = None
+        for attempt in range(self.dial_attempts):
+            if self._closed or self.round != round_idx or dst not in self._pending:
+                return
+            conn = await self._dial(dst, host, port)
+            if conn is not None or dst in self._conns:
+                break
+            await asyncio.sleep(delay)
+            delay *= 2
+        queued = self._pending.pop(dst, [])
+        if self.round != round_idx:
+            if conn is not None:
+                self._drop(conn, "round over while dialing", graceful=False)
+            return
+        if conn is None and dst not in self._conns:
+            log.warning("peer %s: giving up on peer %s at %s:%s after %d dials",
+                        self.peer_id, dst, host, port, self.dial_attempts)
+            self.handler.peer_closed(dst, round_idx)
+            return
+        if conn is not None:
+            conn.round = round_idx
+        for msg in queued:
+            self._enqueue(dst, msg)
+
+    # ---- hooks --------------------------------------------------------------
+    async def _accept_handshake(self, conn: _Conn, hs: Handshake) -> None:
+        deadline = asyncio.get_running_loop().time() + self.handshake_timeout
+        waited = False
+        while self.session is None or hs.swarm_id != self.session.layout.swarm_id:
+            old = self._past_swarms.get(hs.swarm_id)
+            if old is not None:
+                raise HandshakeRefused("swarm_id", hs.swarm_id.hex(),
+                                       f"round {old} is over")
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise HandshakeRefused("swarm_id", hs.swarm_id.hex(),
+                                       f"no such swarm here after waiting "
+                                       f"{self.handshake_timeout:g}s (current round "
+                                       f"{self.round})")
+            if not waited:
+                waited = True
+                self.parked += 1
+                log.debug("peer %s: parking a handshake from %s for a round not begun",
+                          self.peer_id, hs.peer_id)
+            try:
+                await asyncio.wait_for(self._round_changed.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+        check_handshake(self.session, hs)
+        conn.round = self.round
+
+    def _limits(self, conn: _Conn) -> WireLimits:
+        return self._limits_now
+
+    def _deliver(self, conn: _Conn, msg: object) -> None:
+        if conn.round is None:
+            conn.round = self.round
+        if conn.round != self.round:
+            return                      # a message of a round that just ended
+        self.handler.handle_peer(conn.pid, conn.round, msg)
+
+    def _lost(self, conn: _Conn) -> None:
+        if conn.round is not None and conn.round == self.round:
+            self.handler.peer_closed(conn.pid, conn.round)
