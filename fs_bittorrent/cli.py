@@ -8,6 +8,7 @@ USAGE = """usage: fs-bittorrent COMMAND [ARGS]
 
 commands:
   run       run a FederatedScope experiment with the plugin (--cfg X.yaml [KEY VALUE ...])
+  launch    a server and N client processes of a distributed run on this host
   demo      swarm real model weights on the simulated network and verify them
   inspect   sessions and pieces per round and peer in a piece store (DB path)
   report    PNG plots and an HTML page for a run's outdir (--compare OTHER_OUTDIR)
@@ -29,6 +30,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if cmd == "inspect":
         from .store.inspect import main as inspect_main
         return inspect_main(rest)
+    if cmd == "launch":
+        from .launch import main as launch_main
+        return launch_main(rest)
     if cmd == "demo":
         from .demo import main as demo_main
         return demo_main(rest)

@@ -171,7 +171,7 @@ wire = pytest.importorskip("fs_bittorrent.fs.wire",
 
 def test_control_messages_round_trip():
     ms = tuple(manifest(c) for c in CLIENTS)
-    r, m = wire.unpack_manifest(wire.pack_manifest(0, ms[0]))
+    r, m, addr = wire.unpack_manifest(wire.pack_manifest(0, ms[0]))
     assert r == 0 and m == ms[0]
     r, got, nb, timeout, secret = wire.unpack_start(
         wire.pack_start(0, ms, {1: [2, 3], 2: [1]}, 5.0, "s3cret"))

@@ -62,9 +62,24 @@ def make_runner(cfg: Any, data: Any, client_cfgs: Any = None) -> Any:
         return BitTorrentStandaloneRunner(data=data, server_class=bt_server,
                                           client_class=bt_client, config=cfg.clone(),
                                           client_configs=client_cfgs)
-    raise ConfigError("federate.mode", cfg.federate.mode,
-                      "bittorrent.enable currently supports standalone mode; "
-                      "distributed mode comes with the binary data plane")
+    from .distributed import BitTorrentDistributedRunner
+    return BitTorrentDistributedRunner(data=data, server_class=bt_server,
+                                       client_class=bt_client, config=cfg.clone(),
+                                       client_configs=client_cfgs)
+
+
+def split_client_opts(opts: list[str]) -> tuple[list[str], list[str]]:
+    """KEY VALUE pairs for the global config and for ``client_<id>`` configs.
+
+    FS's ``parse_client_cfg`` tests every token, so a *value* starting with
+    'client' (``distribute.role client``) is taken as a client key and the
+    pairs shift; this looks at keys only."""
+    if len(opts) % 2:
+        raise ConfigError("opts", opts[-1], "KEY VALUE options must come in pairs")
+    cfg_opts, client_opts = [], []
+    for key, value in zip(opts[::2], opts[1::2]):
+        (client_opts if key.startswith("client_") else cfg_opts).extend([key, value])
+    return cfg_opts, client_opts
 
 
 def run_experiment(cfg_file: Optional[str], opts: list[str],
@@ -74,9 +89,8 @@ def run_experiment(cfg_file: Optional[str], opts: list[str],
     from federatedscope.core.auxiliaries.logging import update_logger
     from federatedscope.core.auxiliaries.utils import setup_seed
     from federatedscope.core.configs.config import CfgNode
-    from federatedscope.core.cmd_args import parse_client_cfg
 
-    cfg_opts, client_opts = parse_client_cfg(list(opts))
+    cfg_opts, client_opts = split_client_opts(list(opts))
     cfg = build_config(cfg_file, cfg_opts)
     update_logger(cfg, clear_before_add=True)
     share_fs_logging()

@@ -54,8 +54,15 @@ class Scheduler(Protocol):
 
 
 class PeerTransport(Protocol):
+    """How peer messages leave: the standalone runner's virtual network, or
+    the distributed data plane (which also has ``begin_round(round, session,
+    addresses)`` and ``end_round()``: its connections belong to one round)."""
+
     def send_peer(self, src: int, dst: int, round_idx: int, msg: PeerMessage) -> None: ...
     def close_peer(self, src: int, dst: int, round_idx: int) -> None: ...
+
+
+PROGRESS_INTERVAL = 1.0   # s between a distributed client's progress messages
 
 
 def _fs_message():
@@ -72,6 +79,9 @@ class BitTorrentManager:
         self.scheduler: Optional[Scheduler] = None
         self.stale_messages = 0
         self.protocol_errors = 0
+        # FS's distributed (protobuf) messages cannot carry None.
+        self.distributed = settings.mode == "distributed"
+        self.no_weights = wire.NO_WEIGHTS if self.distributed else None
         self._send = worker.comm_manager.send
         worker.comm_manager.send = self._outgoing
 
@@ -95,7 +105,9 @@ class ClientManager(BitTorrentManager):
     def __init__(self, worker: Any, settings: Any) -> None:
         super().__init__(worker, settings)
         self.transport: Optional[PeerTransport] = None
-        self.store = None
+        self._store = None
+        self._store_factory: Optional[Callable[[], Any]] = None
+        self.address = ""                         # data plane host:port (distributed)
         self.round = -1
         self.session: Optional[SwarmSession] = None
         self.layout: Optional[SwarmLayout] = None
@@ -108,25 +120,38 @@ class ClientManager(BitTorrentManager):
         self.timeline: list[tuple[float, float]] = []  # (seconds, completion) this round
         self.progress = None                      # a SwarmProgress shared by the host
         self._pieces_seen = 0
+        self._progress_sent = (-1, -1.0)          # (pieces, time) of the last bt_progress
         self.aggregate_cache: Optional[dict] = None  # shared by in-process clients
         for name in wire.PEER_MSG_NAMES:
             worker.register_handlers(name, self.on_peer_message)
         worker.register_handlers(wire.MSG_START, self.on_start)
         worker.register_handlers(wire.MSG_ROUND_END, self.on_round_end)
 
-    def attach(self, scheduler: Scheduler, transport: PeerTransport, store: Any,
-               aggregate_cache: Optional[dict] = None, progress: Any = None) -> None:
-        self.scheduler, self.transport, self.store = scheduler, transport, store
+    def attach(self, scheduler: Scheduler, transport: PeerTransport, store: Any = None,
+               aggregate_cache: Optional[dict] = None, progress: Any = None,
+               store_factory: Optional[Callable[[], Any]] = None) -> None:
+        """``store`` or ``store_factory``: a distributed client opens its store
+        only once the server has assigned its id (the file is named after it)."""
+        self.scheduler, self.transport, self._store = scheduler, transport, store
+        self._store_factory = store_factory
         self.aggregate_cache = aggregate_cache
         self.progress = progress
+
+    @property
+    def store(self) -> Any:
+        if self._store is None and self._store_factory is not None:
+            self._store = self._store_factory()
+        return self._store
 
     # ---- training side -----------------------------------------------------------
     def before_training(self, content: Any) -> Any:
         """Called with the incoming ``model_para`` content.  Round 0 brings
         the initial global model; later rounds bring None (the client already
         holds the aggregate), replaced by the current parameters."""
-        if content is None:
+        if content is None or content == wire.NO_WEIGHTS:
             content = self.worker.trainer.get_model_para()
+        elif wire.is_packed_weights(content):        # round 0, distributed
+            content = wire.unpack_weights(content)
         self.prev_global = {k: v.detach().clone() for k, v in content.items()}
         return content
 
@@ -153,12 +178,13 @@ class ClientManager(BitTorrentManager):
                                  manifest.piece_hashes[k])
         self.store.flush()
         self._send(self._message(wire.MSG_MANIFEST, [self.worker.server_id], round_idx,
-                                 wire.pack_manifest(round_idx, manifest)))
+                                 wire.pack_manifest(round_idx, manifest, self.address)))
 
     # ---- exchange ----------------------------------------------------------------
     def on_start(self, message: Any) -> None:
         try:
             round_idx, manifests, neighbours, timeout, secret = wire.unpack_start(message.content)
+            addresses = wire.unpack_addresses(message.content)
         except BitTorrentError as exc:
             self.protocol_errors += 1
             log.error("client %s: bad %s: %s", self.worker.ID, wire.MSG_START, exc)
@@ -182,6 +208,9 @@ class ClientManager(BitTorrentManager):
         if self.progress is not None:
             self.progress.start(round_idx, self.layout.num_pieces - self._pieces_seen)
         self.store.begin_session(round_idx, me, now=now)
+        begin_round = getattr(self.transport, "begin_round", None)
+        if begin_round is not None:
+            begin_round(round_idx, self.session, addresses)
         for peer in neighbours.get(me, []):
             if peer > me:  # one side opens each connection
                 self._emit(self.session.connect(peer, now))
@@ -191,21 +220,26 @@ class ClientManager(BitTorrentManager):
         self._check_done()
 
     def on_peer_message(self, message: Any) -> None:
+        """A peer message as an FS message (standalone simulation)."""
+        self.handle_peer(message.sender, message.state, message.content)
+
+    def handle_peer(self, sender: int, round_idx: int, msg: PeerMessage) -> None:
+        """One message from peer ``sender`` on round ``round_idx``'s swarm."""
         session = self.session
-        if session is None or message.state != self.round or session.closed:
+        if session is None or round_idx != self.round or session.closed:
             self.stale_messages += 1
             log.debug("client %s: dropping %s for round %s (current %s)", self.worker.ID,
-                      message.msg_type, message.state, self.round)
+                      type(msg).__name__, round_idx, self.round)
             return
         try:
-            out = session.handle(message.sender, message.content, self.now())
+            out = session.handle(sender, msg, self.now())
         except BitTorrentError as exc:
             self.protocol_errors += 1
             level = logging.DEBUG if isinstance(exc, HandshakeRequired) else logging.WARNING
-            log.log(level, "client %s: from peer %s: %s", self.worker.ID, message.sender, exc)
+            log.log(level, "client %s: from peer %s: %s", self.worker.ID, sender, exc)
             if not isinstance(exc, HandshakeRequired):
-                session.peer_lost(message.sender, self.now())
-                self.transport.close_peer(self.worker.ID, message.sender, self.round)
+                session.peer_lost(sender, self.now())
+                self.transport.close_peer(self.worker.ID, sender, self.round)
             return
         self._emit(out)
         self._check_done()
@@ -228,6 +262,8 @@ class ClientManager(BitTorrentManager):
         self._emit(session.tick(self.now()))
         self._sample()
         self._check_done()
+        if self.distributed:
+            self._send_progress()
         self.scheduler.call_at(self.now() + self.settings.tick_interval,
                                lambda: self._tick(session))
 
@@ -238,6 +274,17 @@ class ClientManager(BitTorrentManager):
                  self.round, session.pieces_have, self.layout.num_pieces)
         self._emit(session.deadline(self.now()))
         self._finish_exchange("deadline")
+
+    def _send_progress(self) -> None:
+        """Pieces held so far, to the server's progress bar (distributed runs;
+        in standalone the host shares one bar among the clients)."""
+        have, now = self.session.pieces_have, self.now()
+        last_have, last_at = self._progress_sent
+        if have == last_have or now - last_at < PROGRESS_INTERVAL:
+            return
+        self._progress_sent = (have, now)
+        self._send(self._message(wire.MSG_PROGRESS, [self.worker.server_id], self.round,
+                                 wire.pack_progress(self.round, have, self.layout.num_pieces)))
 
     def _sample(self) -> None:
         """Completion over time, for plots: one sample per tick while swarming,
@@ -318,10 +365,30 @@ class ClientManager(BitTorrentManager):
         self.store.finish_session(self.round, self.worker.ID,
                                   "complete" if s.complete else "partial", now=now)
         self.store.flush()
+        # The final counts, equal to the store's row: the server's per-round
+        # metrics then agree with every client's database.
+        self._send(self._message(wire.MSG_STATS, [self.worker.server_id], self.round,
+                                 wire.pack_stats(self.round, s.stats.bytes_up,
+                                                 s.stats.bytes_down, s.pieces_have)))
+        end_round = getattr(self.transport, "end_round", None)
+        if end_round is not None:
+            end_round()
         # Old rounds go once per round, even when in-process clients share a store.
         if getattr(self.store, "bt_cleaned_round", None) != self.round:
             self.store.bt_cleaned_round = self.round
             self.store.cleanup(self.settings.keep_rounds)
+
+
+    def shutdown(self) -> None:
+        """``finish`` arrived (possibly mid-exchange): close the session and
+        release the store; the host closes the transport."""
+        now = self.now() if self.scheduler is not None else 0.0
+        if self.session is not None and not self.session.closed:
+            self._emit(self.session.close(now, "finish"))
+        self._store_factory = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
 
 
 class ServerManager(BitTorrentManager):
@@ -338,12 +405,22 @@ class ServerManager(BitTorrentManager):
         self._owners: list[int] = []                 # clients asked to train this round
         self._sample_sizes: dict[int, int] = {}
         self._manifest_sizes: dict[int, int] = {}    # owner -> model bytes, this round
+        self._addresses: dict[int, str] = {}         # client -> data plane host:port
+        # The last round's figures wait for the clients' final counts (bt_stats).
+        self._pending_stats: Optional[dict] = None
+        self._stats_due: set[int] = set()
+        self.progress = None                         # a SwarmProgress (distributed runs)
+        self._progress_have: dict[int, int] = {}
         worker.register_handlers(wire.MSG_MANIFEST, self.on_manifest)
         worker.register_handlers(wire.MSG_REPORT, self.on_report)
+        worker.register_handlers(wire.MSG_STATS, self.on_stats)
+        worker.register_handlers(wire.MSG_PROGRESS, self.on_progress)
 
-    def attach(self, scheduler: Scheduler, links: Optional[dict] = None) -> None:
+    def attach(self, scheduler: Scheduler, links: Optional[dict] = None,
+               progress: Any = None) -> None:
         self.scheduler = scheduler
         self.links = links or {}
+        self.progress = progress
 
     def clients(self) -> list[int]:
         return sorted(self.worker.comm_manager.neighbors.keys())
@@ -356,20 +433,44 @@ class ServerManager(BitTorrentManager):
             self.coordinator.begin_round(message.state, receivers, self.clients(), self.now())
             self._arm_timer()
             if message.state > 0:
-                message.content = None  # clients already hold the aggregate
+                message.content = self.no_weights  # clients already hold the aggregate
+            elif self.distributed and isinstance(message.content, dict):
+                message.content = wire.pack_weights(message.content)  # never FS's pickle
         elif message.msg_type in ("evaluate", "finish"):
-            message.content = None      # evaluate / keep each client's own aggregate
+            message.content = self.no_weights      # evaluate / keep each client's aggregate
+            if message.msg_type == "finish":
+                self.flush_stats()
+            elif self.distributed:
+                self._arm_eval_deadline(message.state)
         self._send(message)
+
+    def _arm_eval_deadline(self, state: int) -> None:
+        """FS's distributed server waits for every client's evaluation; one
+        that crashed would stall the run.  After ``timeout`` seconds, move on
+        with the results that arrived (as the exchange does at its deadline)."""
+        def deadline() -> None:
+            w = self.worker
+            got = w.msg_buffer.get("eval", {}).get(state, {})
+            if w.state != state or getattr(w, "is_finish", False) or not got:
+                return
+            if len(got) >= w.sample_client_num:
+                return
+            log.warning("server: round %s evaluation deadline: %d/%d clients answered; "
+                        "moving on without the others", state, len(got), w.sample_client_num)
+            w.check_and_move_on(check_eval_result=True, min_received_num=len(got))
+        self.scheduler.call_at(self.now() + self.settings.timeout, deadline)
 
     def on_manifest(self, message: Any) -> None:
         try:
-            round_idx, manifest = wire.unpack_manifest(message.content)
+            round_idx, manifest, address = wire.unpack_manifest(message.content)
             actions = self.coordinator.on_manifest(message.sender, round_idx, manifest, self.now())
         except BitTorrentError as exc:
             self.protocol_errors += 1
             log.error("server: bad manifest from client %s: %s", message.sender, exc)
             return
         self._sample_sizes[message.sender] = manifest.sample_count
+        if address:
+            self._addresses[message.sender] = address
         self._act(actions)
 
     def on_report(self, message: Any) -> None:
@@ -381,6 +482,48 @@ class ServerManager(BitTorrentManager):
             log.error("server: bad report from client %s: %s", message.sender, exc)
             return
         self._act(actions)
+
+    def on_stats(self, message: Any) -> None:
+        """A client's final counts of a round: complete that round's figures."""
+        try:
+            round_idx, up, down, have = wire.unpack_stats(message.content)
+        except BitTorrentError as exc:
+            self.protocol_errors += 1
+            log.error("server: bad %s from client %s: %s", wire.MSG_STATS, message.sender, exc)
+            return
+        stats = self._pending_stats
+        if stats is None or stats["round"] != round_idx or message.sender not in self._stats_due:
+            self.stale_messages += 1
+            log.info("server: ignoring %s of round %s from client %s", wire.MSG_STATS,
+                     round_idx, message.sender)
+            return
+        c = str(message.sender)
+        stats["bytes_up"][c], stats["bytes_down"][c] = up, down
+        self._stats_due.discard(message.sender)
+        if not self._stats_due:
+            self.flush_stats()
+
+    def flush_stats(self) -> None:
+        """Write the pending round's figures (with whatever final counts came)."""
+        stats, self._pending_stats = self._pending_stats, None
+        if stats is not None:
+            self._stats_due.clear()
+            self._write_stats(stats)
+
+    def on_progress(self, message: Any) -> None:
+        try:
+            round_idx, have, total = wire.unpack_progress(message.content)
+        except BitTorrentError as exc:
+            self.protocol_errors += 1
+            log.error("server: bad %s from client %s: %s", wire.MSG_PROGRESS, message.sender,
+                      exc)
+            return
+        if self.progress is None or round_idx != self.coordinator.round:
+            return
+        before = self._progress_have.get(message.sender, 0)
+        if have > before:
+            self._progress_have[message.sender] = have
+            self.progress.advance(round_idx, have - before)
 
     def poll(self) -> None:
         self._act(self.coordinator.poll(self.now()))
@@ -404,20 +547,30 @@ class ServerManager(BitTorrentManager):
         log.info("server: round %s: exchanging %d manifests among %d clients", a.round,
                  len(a.manifests), len(a.participants))
         self._manifest_sizes = {m.owner: m.total_size for m in a.manifests}
+        addresses = {c: self._addresses[c] for c in a.participants if c in self._addresses}
+        if self.progress is not None:
+            have = {m.owner: len(m.piece_hashes) for m in a.manifests}
+            self._progress_have = dict(have)
+            total = sum(have.values()) * len(a.participants)
+            self.progress.start(a.round, total - sum(have.values()))
         self._send(self._message(wire.MSG_START, list(a.participants), a.round,
                                  wire.pack_start(a.round, a.manifests, neighbours, a.timeout,
-                                                 self.secret)))
+                                                 self.secret, addresses)))
 
     def _end(self, e: RoundEnd) -> None:
         w = self.worker
         self._send(self._message(wire.MSG_ROUND_END, list(e.participants), e.round,
                                  {"round": e.round}))
+        if self.progress is not None:
+            self.progress.finish(e.round)
         stats = self._round_stats(e)
         self.round_stats.append(stats)
         log.info("server: round %s exchange %s: %.3fs (%s), completion %.2f, T_LB %s, eta %s",
                  e.round, e.reason, stats["exchange_time"], stats["clock"],
                  stats["completion_ratio"], _fmt(stats["t_lb"]), _fmt(stats["eta"]))
-        self._write_stats(stats)
+        self.flush_stats()
+        self._pending_stats = stats
+        self._stats_due = set(e.reports)
         if e.abort:
             log.error("server: round %s aborted (%s); terminating", e.round, e.reason)
             w.terminate(msg_type="finish")

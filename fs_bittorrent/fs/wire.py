@@ -34,7 +34,15 @@ MSG_MANIFEST = "bt_manifest"      # client -> server: my manifest for round r
 MSG_START = "bt_start"            # server -> clients: swarm these manifests
 MSG_REPORT = "bt_report"          # client -> server: round-tagged completion report
 MSG_ROUND_END = "bt_round_end"    # server -> clients: the exchange of round r is over
-CONTROL_MSG_NAMES = frozenset({MSG_MANIFEST, MSG_START, MSG_REPORT, MSG_ROUND_END})
+MSG_STATS = "bt_stats"            # client -> server: final byte counts of round r
+MSG_PROGRESS = "bt_progress"      # client -> server: pieces held so far (distributed runs)
+CONTROL_MSG_NAMES = frozenset({MSG_MANIFEST, MSG_START, MSG_REPORT, MSG_ROUND_END, MSG_STATS,
+                               MSG_PROGRESS})
+
+# FS's protobuf encoding has no None: in distributed runs a message whose
+# weights the exchange replaced carries this text instead (clients map it
+# back to None before FS's handlers see it).
+NO_WEIGHTS = "bt:no-weights"
 
 
 def _require(content: Any, key: str, kind: type, what: str) -> Any:
@@ -46,6 +54,15 @@ def _require(content: Any, key: str, kind: type, what: str) -> Any:
     if not isinstance(value, kind) or isinstance(value, bool):
         raise ProtocolError(f"{what}.{key}", value, f"must be {kind.__name__}")
     return value
+
+
+def _require_count(content: Any, key: str, what: str) -> int:
+    """A non-negative count that may exceed int32: sent as float (exact to
+    2**53), because FS's protobuf ints are int32."""
+    value = _require(content, key, float, what)
+    if value < 0 or value != int(value):
+        raise ProtocolError(f"{what}.{key}", value, "must be a whole number >= 0")
+    return int(value)
 
 
 def manifest_to_text(m: Manifest) -> str:
@@ -60,20 +77,55 @@ def manifest_from_text(text: str) -> Manifest:
     return Manifest.decode(raw)
 
 
-def pack_manifest(round_idx: int, m: Manifest) -> dict:
-    return {"round": round_idx, "manifest": manifest_to_text(m)}
+def pack_manifest(round_idx: int, m: Manifest, address: str = "") -> dict:
+    """``address``: the sender's data plane ``host:port`` (distributed runs)."""
+    return {"round": round_idx, "manifest": manifest_to_text(m), "address": address}
 
 
-def unpack_manifest(content: Any) -> tuple[int, Manifest]:
+def unpack_manifest(content: Any) -> tuple[int, Manifest, str]:
     r = _require(content, "round", int, MSG_MANIFEST)
-    return r, manifest_from_text(_require(content, "manifest", str, MSG_MANIFEST))
+    manifest = manifest_from_text(_require(content, "manifest", str, MSG_MANIFEST))
+    address = content.get("address", "")
+    if address:
+        parse_address(address, f"{MSG_MANIFEST}.address")
+    elif not isinstance(address, str):
+        raise ProtocolError(f"{MSG_MANIFEST}.address", address, "must be 'host:port'")
+    return r, manifest, address
+
+
+def parse_address(text: Any, field: str) -> tuple[str, int]:
+    """``'host:port'`` -> ``(host, port)``, with a clear error naming ``field``."""
+    if not isinstance(text, str) or ":" not in text:
+        raise ProtocolError(field, text, "must be 'host:port'")
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ProtocolError(field, text, "must be 'host:port' with a port in 1..65535")
+    return host, int(port)
 
 
 def pack_start(round_idx: int, manifests: tuple[Manifest, ...], neighbours: dict[int, list[int]],
-               timeout: float, secret: str) -> dict:
-    return {"round": round_idx, "manifests": [manifest_to_text(m) for m in manifests],
-            "neighbours": {str(k): list(v) for k, v in neighbours.items()},
-            "timeout": float(timeout), "secret": secret}
+               timeout: float, secret: str, addresses: Mapping[int, str] = {}) -> dict:
+    out = {"round": round_idx, "manifests": [manifest_to_text(m) for m in manifests],
+           "neighbours": {str(k): list(v) for k, v in neighbours.items()},
+           "timeout": float(timeout), "secret": secret}
+    if addresses:   # FS's protobuf cannot carry an empty dict
+        out["addresses"] = {str(k): v for k, v in addresses.items()}
+    return out
+
+
+def unpack_addresses(content: Any) -> dict[int, tuple[str, int]]:
+    """The data plane addresses of a start message (empty in standalone runs)."""
+    raw = content.get("addresses", {}) if isinstance(content, Mapping) else {}
+    if not isinstance(raw, Mapping):
+        raise ProtocolError(f"{MSG_START}.addresses", raw, "must map client id to 'host:port'")
+    out = {}
+    for k, v in raw.items():
+        try:
+            pid = int(k)
+        except (TypeError, ValueError):
+            raise ProtocolError(f"{MSG_START}.addresses", k, "keys must be client ids") from None
+        out[pid] = parse_address(v, f"{MSG_START}.addresses[{k}]")
+    return out
 
 
 def unpack_start(content: Any) -> tuple[int, list[Manifest], dict[int, list[int]], float, str]:
@@ -93,7 +145,7 @@ def unpack_start(content: Any) -> tuple[int, list[Manifest], dict[int, list[int]
 def pack_report(report: CompletionReport) -> dict:
     return {"round": report.round, "complete": int(report.complete),
             "pieces_have": report.pieces_have, "pieces_total": report.pieces_total,
-            "bytes_up": report.bytes_up, "bytes_down": report.bytes_down,
+            "bytes_up": float(report.bytes_up), "bytes_down": float(report.bytes_down),
             "exchange_time": float(report.exchange_time), "reason": report.reason,
             "first_piece_time": float(report.first_piece_time),
             "timeouts": report.timeouts, "corrupt_pieces": report.corrupt_pieces,
@@ -116,8 +168,8 @@ def unpack_report(content: Any) -> CompletionReport:
         complete=bool(_require(content, "complete", int, MSG_REPORT)),
         pieces_have=_require(content, "pieces_have", int, MSG_REPORT),
         pieces_total=_require(content, "pieces_total", int, MSG_REPORT),
-        bytes_up=_require(content, "bytes_up", int, MSG_REPORT),
-        bytes_down=_require(content, "bytes_down", int, MSG_REPORT),
+        bytes_up=_require_count(content, "bytes_up", MSG_REPORT),
+        bytes_down=_require_count(content, "bytes_down", MSG_REPORT),
         exchange_time=_require(content, "exchange_time", float, MSG_REPORT),
         reason=_require(content, "reason", str, MSG_REPORT),
         first_piece_time=_require(content, "first_piece_time", float, MSG_REPORT),
@@ -125,3 +177,56 @@ def unpack_report(content: Any) -> CompletionReport:
         corrupt_pieces=_require(content, "corrupt_pieces", int, MSG_REPORT),
         duplicate_blocks=_require(content, "duplicate_blocks", int, MSG_REPORT),
         timeline=_timeline(content))
+
+
+def pack_stats(round_idx: int, bytes_up: int, bytes_down: int, pieces_have: int) -> dict:
+    """A client's final counts of round ``round_idx``, sent at round end:
+    they include what it seeded after its completion report, and equal what
+    its store's ``bt_sessions`` row records."""
+    return {"round": round_idx, "bytes_up": float(bytes_up), "bytes_down": float(bytes_down),
+            "pieces_have": pieces_have}
+
+
+def unpack_stats(content: Any) -> tuple[int, int, int, int]:
+    return (_require(content, "round", int, MSG_STATS),
+            _require_count(content, "bytes_up", MSG_STATS),
+            _require_count(content, "bytes_down", MSG_STATS),
+            _require(content, "pieces_have", int, MSG_STATS))
+
+
+def pack_progress(round_idx: int, pieces_have: int, pieces_total: int) -> dict:
+    return {"round": round_idx, "pieces_have": pieces_have, "pieces_total": pieces_total}
+
+
+def unpack_progress(content: Any) -> tuple[int, int, int]:
+    return (_require(content, "round", int, MSG_PROGRESS),
+            _require(content, "pieces_have", int, MSG_PROGRESS),
+            _require(content, "pieces_total", int, MSG_PROGRESS))
+
+
+WEIGHTS_KEY = "safetensors"
+
+
+def pack_weights(state_dict: Mapping[str, Any]) -> dict:
+    """A model for FS's distributed messages (round 0's initial model): base64
+    text of its safetensors encoding -- never FS's pickled tensors."""
+    from ..core.pieces import serialize_state_dict
+    blob = serialize_state_dict(state_dict)
+    return {WEIGHTS_KEY: base64.b64encode(bytes(blob)).decode("ascii")}
+
+
+def is_packed_weights(content: Any) -> bool:
+    return isinstance(content, Mapping) and set(content) == {WEIGHTS_KEY}
+
+
+def unpack_weights(content: Any) -> dict:
+    """The state_dict of :func:`pack_weights`, with a clear error on bad input."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+    text = _require(content, WEIGHTS_KEY, str, "model_para")
+    try:
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
+        return load(raw)
+    except (binascii.Error, UnicodeEncodeError, SafetensorError) as exc:
+        raise ProtocolError(f"model_para.{WEIGHTS_KEY}", text[:40],
+                            f"not base64 safetensors: {exc}") from None

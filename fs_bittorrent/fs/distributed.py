@@ -1,0 +1,243 @@
+"""FederatedScope distributed mode with the exchange: one process per participant.
+
+Control stays on FS's messages (gRPC, one endpoint per participant); piece
+bytes go over each client's :class:`~fs_bittorrent.net.round_dataplane.RoundDataPlane`.
+
+FS's own ``receive()`` spins on an empty deque while idle.  This host
+replaces it: the gRPC servicer's queue becomes an :class:`Inbox` that wakes
+an asyncio loop, and that one loop (in the main thread) does everything --
+FS's handlers (training included), the manager's timers (ticks, deadlines),
+and the data plane's sockets.  An idle worker sleeps in ``epoll``.
+
+Server loop: wait for every client to join, then handle messages until FS
+moves past the last round (as ``Server.run``).  Client loop: handle
+messages (dropping an old round's, as ``Client.run``) until ``finish``;
+then close the session, the data plane, the store and the gRPC server, so
+nothing outlives the run: no thread, socket or task.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections import deque
+from typing import Any, Callable, Optional
+
+from federatedscope.core.fed_runner import DistributedRunner
+from federatedscope.core.message import Message
+
+from ..net.round_dataplane import RoundDataPlane
+from ..store.sqlite_store import SQLitePieceStore
+from . import wire
+from .progress import SwarmProgress
+
+log = logging.getLogger(__name__)
+
+GRPC_STOP_GRACE = 1.0        # s for in-flight RPCs when a worker shuts its endpoint
+SERVER_WAIT = 300.0          # s a client waits for the server's endpoint before joining
+_WEIGHTLESS = ("model_para", "evaluate", "finish")
+
+
+class Inbox:
+    """Stands in for ``gRPCComServeFunc.msg_queue`` (a deque FS spins on).
+
+    gRPC's threads ``append``; the event loop awaits :meth:`get`.  Until a
+    loop is attached, items wait in a plain deque, so nothing that arrives
+    between the worker's construction and its loop is lost or reordered.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._early: deque = deque()
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._queue: Optional[asyncio.Queue] = None
+
+    def append(self, item: Any) -> None:           # called from gRPC threads
+        with self._lock:
+            if self._loop is None:
+                self._early.append(item)
+                return
+            loop, queue = self._loop, self._queue
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:                       # loop closed: the run is over
+            log.debug("message after shutdown dropped")
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            self._loop = loop
+            self._queue = asyncio.Queue()
+            while self._early:
+                self._queue.put_nowait(self._early.popleft())
+
+    async def get(self) -> Any:
+        return await self._queue.get()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._early) + (self._queue.qsize() if self._queue else 0)
+
+
+def install_inbox(worker: Any) -> Inbox:
+    """Swap FS's spinning queue for an :class:`Inbox` (keeping what arrived)."""
+    funcs = worker.comm_manager.server_funcs
+    inbox = Inbox()
+    old = funcs.msg_queue
+    funcs.msg_queue = inbox
+    while old:
+        inbox.append(old.popleft())
+    return inbox
+
+
+class LoopScheduler:
+    """The manager's clock and timers on the event loop (monotonic seconds)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    def now(self) -> float:
+        return self.loop.time()
+
+    def call_at(self, at: float, fn: Callable[[], None]) -> None:
+        def run() -> None:
+            try:
+                fn()
+            except Exception:        # a timer's failure is logged, the worker goes on
+                log.exception("timer callback failed")
+        self.loop.call_at(at, run)
+
+
+def parse(request: Any) -> Message:
+    msg = Message()
+    msg.parse(request.msg)
+    if msg.msg_type in _WEIGHTLESS and msg.content == wire.NO_WEIGHTS:
+        msg.content = None       # what the worker would see in standalone mode
+    return msg
+
+
+def dispatch(worker: Any, msg: Message) -> None:
+    handler = worker.msg_handlers.get(msg.msg_type)
+    if handler is None:
+        log.error("%s %s: no handler for message type %r from %s; dropped",
+                  type(worker).__name__, worker.ID, msg.msg_type, msg.sender)
+        return
+    handler(msg)
+
+
+async def wait_for_listener(host: str, port: int, timeout: float) -> None:
+    """Return once ``host:port`` accepts a TCP connection; raise
+    ``TimeoutError`` naming it after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    delay = 0.05
+    while True:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2.0)
+        except (OSError, asyncio.TimeoutError):
+            if loop.time() + delay > end:
+                raise TimeoutError(f"distribute.server_host:server_port {host}:{port} did not "
+                                   f"accept connections within {timeout:g}s") from None
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)
+            continue
+        writer.close()
+        return
+
+
+async def serve_client(worker: Any, inbox: Inbox) -> None:
+    """A client's whole run: data plane up, join, handle messages until
+    ``finish``, then shut everything down."""
+    bt = worker.bt
+    settings = bt.settings
+    loop = asyncio.get_running_loop()
+    inbox.attach(loop)
+    host = settings.dataplane_host or str(worker._cfg.distribute.client_host)
+    plane = RoundDataPlane(bt, host=host, port=settings.dataplane_port,
+                           max_block_size=settings.swarm_config().max_block_size)
+    await plane.start()
+    bt.address = plane.address
+    os.makedirs(settings.db_dir, exist_ok=True)
+    bt.attach(LoopScheduler(loop), plane, store_factory=lambda: SQLitePieceStore(
+        os.path.join(settings.db_dir, f"client_{worker.ID}.db")))
+    log.info("client data plane listening on %s", plane.address)
+    try:
+        # FS's send swallows a refused RPC: a join sent before the server
+        # listens is lost and the run hangs.  Wait until it accepts.
+        await wait_for_listener(str(worker._cfg.distribute.server_host),
+                                int(worker._cfg.distribute.server_port), SERVER_WAIT)
+        worker.join_in()
+        while True:
+            msg = parse(await inbox.get())
+            if worker.state <= msg.state or msg.msg_type == "finish":
+                dispatch(worker, msg)
+            else:
+                bt.stale_messages += 1
+                log.info("client %s: dropping %s of old round %s (now %s)", worker.ID,
+                         msg.msg_type, msg.state, worker.state)
+            if msg.msg_type == "finish":
+                break
+    finally:
+        bt.shutdown()
+        plane.end_round()
+        await plane.close()
+        log.info("client %s: data plane closed (%s)", worker.ID, plane.stats)
+
+
+async def serve_server(worker: Any, inbox: Inbox) -> None:
+    """The server's run: wait for the clients to join, then handle messages
+    until FS moves past the last round.  Timers (round deadlines) fire in
+    between; nothing spins."""
+    loop = asyncio.get_running_loop()
+    inbox.attach(loop)
+    progress = SwarmProgress()
+    worker.bt.attach(LoopScheduler(loop), progress=progress)
+    try:
+        while worker.join_in_client_num < worker.client_num:
+            dispatch(worker, parse(await inbox.get()))
+        while worker.state <= worker.total_round_num:
+            dispatch(worker, parse(await inbox.get()))
+        if not getattr(worker, "is_finish", False):
+            worker.terminate(msg_type="finish")
+    finally:
+        worker.bt.flush_stats()
+        progress.close()
+
+
+def stop_grpc(worker: Any) -> None:
+    """Stop the worker's gRPC endpoint and wait for its threads.
+
+    ``grpc.Server.stop`` leaves the thread pool FS gave it running; it is
+    only reachable through gRPC's private state, so that part is guarded."""
+    server = getattr(worker.comm_manager, "grpc_server", None)
+    if server is None:
+        return
+    server.stop(GRPC_STOP_GRACE).wait()
+    pool = getattr(getattr(server, "_state", None), "thread_pool", None)
+    if pool is not None:
+        pool.shutdown(wait=True)
+
+
+class BitTorrentDistributedRunner(DistributedRunner):
+    """FS's distributed runner with the exchange host loops in place of
+    ``Server.run`` / ``Client.join_in`` + ``Client.run``."""
+
+    def _set_up(self) -> None:
+        super()._set_up()
+        worker = self.server if self.cfg.distribute.role == "server" else self.client
+        self.inbox = install_inbox(worker)
+
+    def run(self) -> Any:
+        if self.cfg.distribute.role == "server":
+            try:
+                asyncio.run(serve_server(self.server, self.inbox))
+            finally:
+                stop_grpc(self.server)
+            return self.server.best_results
+        try:
+            asyncio.run(serve_client(self.client, self.inbox))
+        finally:
+            stop_grpc(self.client)
+            log.info("client %s: shut down; threads left: %s", self.client.ID,
+                     sorted(t.name for t in threading.enumerate()))
+        return None
