@@ -55,6 +55,9 @@ class LaunchResult:
     def ok(self) -> bool:
         return not self.timed_out and all(p.returncode == 0 for p in self.participants)
 
+    def killed(self) -> list[str]:
+        return [name(p) for p in self.participants if p.returncode == -signal.SIGKILL]
+
     def exit_codes(self) -> dict[str, Optional[int]]:
         return {name(p): p.returncode for p in self.participants}
 
@@ -103,8 +106,11 @@ def plan(cfg_file: str, clients: int, out: Path, opts: Sequence[str] = (),
 
 
 def run(parts: list[Participant], timeout: float = 600.0, client_delay: float = 0.5,
-        env: Optional[dict] = None) -> LaunchResult:
-    """Start the server, then the clients; wait for all (bounded); clean up."""
+        env: Optional[dict] = None, tolerate_killed: bool = False) -> LaunchResult:
+    """Start the server, then the clients; wait for all (bounded); clean up.
+
+    ``tolerate_killed``: a client that dies of SIGKILL (a crash injected by
+    ``bittorrent.faults.crash_clients``) does not stop the others."""
     t0 = time.monotonic()
     env = dict(os.environ if env is None else env)
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -125,7 +131,9 @@ def run(parts: list[Participant], timeout: float = 600.0, client_delay: float = 
                 if rc is not None:
                     p.returncode = rc
                     pending.remove(p)
-                    if rc != 0:
+                    if rc == -signal.SIGKILL and tolerate_killed and p.role == "client":
+                        log.warning("%s was killed (SIGKILL); the others go on", name(p))
+                    elif rc != 0:
                         log.error("%s exited with %s; stopping the others", name(p), rc)
                         raise _Failed()
             if time.monotonic() > deadline:

@@ -103,3 +103,38 @@ def test_clients_shut_down_with_no_thread_left(three_rounds):
         log = (out / "logs" / f"client_{i}.log").read_text()
         line = next(x for x in log.splitlines() if "threads left" in x)
         assert "threads left: ['MainThread']" in line, line
+
+
+def test_client_killed_mid_exchange_the_others_and_the_server_go_on(tmp_path):
+    """Client 3 dies of SIGKILL right after round 1's exchange starts (its
+    handshakes are out, it serves nothing).  The others reach the deadline
+    with everything but its pieces; the server proceeds under
+    min_completion_ratio, evaluates without it, and the run ends; every
+    surviving process exits 0."""
+    out = tmp_path / "out"
+    opts = [o for o in DIST_OPTS] + [
+        "bittorrent.timeout", "4.0", "bittorrent.manifest_timeout", "60.0",
+        "bittorrent.min_completion_ratio", "0.5",
+        "bittorrent.faults.crash_clients", "[3]", "bittorrent.faults.crash_round", "1",
+        "bittorrent.faults.crash_at", "0.0"]
+    result = run(plan(toy_distributed_cfg(tmp_path, rounds=3), 4, out, opts), timeout=240,
+                 tolerate_killed=True)
+    codes = result.exit_codes()
+    assert len(result.killed()) == 1, (codes, result.log_tail())
+    assert all(rc == 0 for who, rc in codes.items() if who not in result.killed()), \
+        result.log_tail()
+    rounds = {r["round"]: r for r in result.rounds}
+    assert sorted(rounds) == [0, 1, 2]
+    assert rounds[0]["reason"] == "complete"
+    r1 = rounds[1]                       # nobody could get the dead client's pieces
+    assert r1["reason"] == "insufficient" and r1["completion_ratio"] == 0.0
+    assert set(r1["completion"]) == {"1", "2", "4"}
+    assert all(0.5 <= r1["completion"][c] < 1.0 for c in ("1", "2", "4"))
+    r2 = rounds[2]                       # client 3 is gone: its manifest never came
+    assert set(r2["completion"]) == {"1", "2", "4"}
+    assert all(r2["completion"][c] == 1.0 for c in ("1", "2", "4"))
+    server_log = (out / "logs" / "server.log").read_text()
+    assert "no manifest from clients [3]" in server_log
+    assert "evaluation deadline" in server_log
+    killed_log = (out / "logs" / f"{result.killed()[0]}.log").read_text()
+    assert "crashes (SIGKILL) in round 1" in killed_log

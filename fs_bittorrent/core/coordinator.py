@@ -4,7 +4,7 @@ The server never waits in a loop: its message loop feeds events
 (``on_manifest``, ``on_report``) and polls (``poll(now)``), and gets back
 actions to carry out.  One round::
 
-    COLLECTING --all manifests (or deadline, with >= 1)--> EXCHANGING
+    COLLECTING --all manifests (or manifest deadline, with >= 1)--> EXCHANGING
     EXCHANGING --all participants reported-------------> DONE (complete)
                --deadline, >= min_completion_ratio------> DONE (partial)
                --deadline, fewer------------------------> DONE (by policy:
@@ -98,6 +98,9 @@ class RoundCoordinator:
     min_completion_ratio: float = 0.5
     insufficient_policy: str = "proceed"
     report_grace: float = 1.0
+    # How long COLLECTING waits for manifests (local training happens then);
+    # None: ``timeout``.  The exchange itself always gets ``timeout``.
+    manifest_timeout: Optional[float] = None
     phase: Phase = Phase.IDLE
     round: int = -1
     stale_messages: int = 0
@@ -111,6 +114,8 @@ class RoundCoordinator:
     def __post_init__(self) -> None:
         if self.timeout <= 0:
             raise ConfigError("timeout", self.timeout, "must be > 0")
+        if self.manifest_timeout is not None and not self.manifest_timeout > 0:
+            raise ConfigError("manifest_timeout", self.manifest_timeout, "must be > 0")
         if not 0.0 <= self.min_completion_ratio <= 1.0:
             raise ConfigError("min_completion_ratio", self.min_completion_ratio,
                               "must be in [0, 1]")
@@ -140,7 +145,9 @@ class RoundCoordinator:
         self._participants = tuple(sorted(set(participants)))
         self._manifests = {}
         self._reports = {}
-        self._deadline = now + self.timeout
+        self._deadline = now + (self.timeout if self.manifest_timeout is None
+                                else self.manifest_timeout)
+        self._started_at = now
         return []
 
     def _is_current(self, what: str, client: int, round_idx: int) -> bool:

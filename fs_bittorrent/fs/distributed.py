@@ -34,7 +34,6 @@ from .progress import SwarmProgress
 
 log = logging.getLogger(__name__)
 
-GRPC_STOP_GRACE = 1.0        # s for in-flight RPCs when a worker shuts its endpoint
 SERVER_WAIT = 300.0          # s a client waits for the server's endpoint before joining
 _WEIGHTLESS = ("model_para", "evaluate", "finish")
 
@@ -72,7 +71,13 @@ class Inbox:
                 self._queue.put_nowait(self._early.popleft())
 
     async def get(self) -> Any:
+        """The next request, or None after :meth:`wake`."""
         return await self._queue.get()
+
+    def wake(self) -> None:
+        """Make a waiting :meth:`get` return None (from the loop's thread):
+        a timer changed state the loop must re-check."""
+        self._queue.put_nowait(None)
 
     def __len__(self) -> int:
         with self._lock:
@@ -93,8 +98,10 @@ def install_inbox(worker: Any) -> Inbox:
 class LoopScheduler:
     """The manager's clock and timers on the event loop (monotonic seconds)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 after: Optional[Callable[[], None]] = None) -> None:
         self.loop = loop
+        self.after = after      # run after every timer (the server's loop re-checks)
 
     def now(self) -> float:
         return self.loop.time()
@@ -105,6 +112,8 @@ class LoopScheduler:
                 fn()
             except Exception:        # a timer's failure is logged, the worker goes on
                 log.exception("timer callback failed")
+            if self.after is not None:
+                self.after()
         self.loop.call_at(at, run)
 
 
@@ -154,7 +163,8 @@ async def serve_client(worker: Any, inbox: Inbox) -> None:
     inbox.attach(loop)
     host = settings.dataplane_host or str(worker._cfg.distribute.client_host)
     plane = RoundDataPlane(bt, host=host, port=settings.dataplane_port,
-                           max_block_size=settings.swarm_config().max_block_size)
+                           max_block_size=settings.swarm_config().max_block_size,
+                           faults=settings.faults, fault_seed=settings.seed)
     await plane.start()
     bt.address = plane.address
     os.makedirs(settings.db_dir, exist_ok=True)
@@ -191,12 +201,18 @@ async def serve_server(worker: Any, inbox: Inbox) -> None:
     loop = asyncio.get_running_loop()
     inbox.attach(loop)
     progress = SwarmProgress()
-    worker.bt.attach(LoopScheduler(loop), progress=progress)
+    # A deadline may end the run (the evaluation deadline of the last
+    # round): every timer wakes the loop to re-check its condition.
+    worker.bt.attach(LoopScheduler(loop, after=inbox.wake), progress=progress)
     try:
         while worker.join_in_client_num < worker.client_num:
-            dispatch(worker, parse(await inbox.get()))
+            request = await inbox.get()
+            if request is not None:
+                dispatch(worker, parse(request))
         while worker.state <= worker.total_round_num:
-            dispatch(worker, parse(await inbox.get()))
+            request = await inbox.get()
+            if request is not None:
+                dispatch(worker, parse(request))
         if not getattr(worker, "is_finish", False):
             worker.terminate(msg_type="finish")
     finally:
@@ -212,7 +228,9 @@ def stop_grpc(worker: Any) -> None:
     server = getattr(worker.comm_manager, "grpc_server", None)
     if server is None:
         return
-    server.stop(GRPC_STOP_GRACE).wait()
+    # No grace: the run is over (``finish`` handled), and a grace period
+    # leaves a gRPC thread behind for its length.
+    server.stop(None).wait()
     pool = getattr(getattr(server, "_state", None), "thread_pool", None)
     if pool is not None:
         pool.shutdown(wait=True)

@@ -249,6 +249,13 @@ class ClientManager(BitTorrentManager):
         if self.session is not None and round_idx == self.round:
             self.session.peer_lost(peer, self.now())
 
+    def reconnect(self, peer: int, round_idx: int) -> None:
+        """The host will redial ``peer`` (a lost connection): handshake again."""
+        s = self.session
+        if s is None or s.closed or round_idx != self.round:
+            return
+        self._emit(s.connect(peer, self.now()))
+
     def _emit(self, outgoing: list) -> None:
         for dst, msg in outgoing:
             if isinstance(msg, Close):
@@ -398,7 +405,8 @@ class ServerManager(BitTorrentManager):
         super().__init__(worker, settings)
         self.coordinator = RoundCoordinator(settings.timeout, settings.min_completion_ratio,
                                             settings.insufficient_policy,
-                                            report_grace=2 * settings.tick_interval)
+                                            report_grace=2 * settings.tick_interval,
+                                            manifest_timeout=settings.manifest_timeout)
         self.secret = settings.secret or secrets.token_hex(16)
         self.links: dict = {}
         self.round_stats: list[dict] = []
@@ -441,22 +449,26 @@ class ServerManager(BitTorrentManager):
             if message.msg_type == "finish":
                 self.flush_stats()
             elif self.distributed:
-                self._arm_eval_deadline(message.state)
+                self._arm_eval_deadline()
         self._send(message)
 
-    def _arm_eval_deadline(self, state: int) -> None:
+    def _arm_eval_deadline(self) -> None:
         """FS's distributed server waits for every client's evaluation; one
         that crashed would stall the run.  After ``timeout`` seconds, move on
         with the results that arrived (as the exchange does at its deadline)."""
+        armed = self.worker.state
+
         def deadline() -> None:
             w = self.worker
-            got = w.msg_buffer.get("eval", {}).get(state, {})
-            if w.state != state or getattr(w, "is_finish", False) or not got:
+            buffer = w.msg_buffer.get("eval", {})
+            if w.state != armed or getattr(w, "is_finish", False) or not buffer:
                 return
-            if len(got) >= w.sample_client_num:
+            rnd = max(buffer)                  # FS evaluates the latest round's buffer
+            got = buffer[rnd]
+            if not got or len(got) >= w.sample_client_num:
                 return
             log.warning("server: round %s evaluation deadline: %d/%d clients answered; "
-                        "moving on without the others", state, len(got), w.sample_client_num)
+                        "moving on without the others", rnd, len(got), w.sample_client_num)
             w.check_and_move_on(check_eval_result=True, min_received_num=len(got))
         self.scheduler.call_at(self.now() + self.settings.timeout, deadline)
 

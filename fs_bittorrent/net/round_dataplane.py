@@ -27,15 +27,31 @@ message to a peer without a connection starts a dial to the address the
 server published for it; messages queue until the connection is up.  A dial
 is retried with back-off (``dial_attempts``); when it finally fails the
 handler hears ``peer_closed`` and the session moves that peer's pieces on.
+A connection lost for any reason but the session's own ``Close`` is redialed
+by the lower id after ``reconnect_after`` seconds (``handler.reconnect``),
+at most ``max_redials`` times per peer and round.
+
+Fault injection
+---------------
+With ``faults`` (``bittorrent.faults``, decided by
+:class:`~fs_bittorrent.core.faults.FaultDecider`, seeded per peer and round),
+every outgoing peer message may be dropped, duplicated, corrupted (a piece
+block gets a flipped byte), delayed or reordered, or its connection cut.  A
+client listed in ``crash_clients`` kills its own process with SIGKILL
+``crash_at`` seconds into round ``crash_round``'s exchange: a real crash, no
+goodbye, no report (in standalone simulation the same knob only simulates it).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 from typing import Optional, Protocol
 
 from ..core.codec import WireLimits
-from ..core.messages import Handshake
+from ..core.faults import FaultDecider, Faults, flip_byte
+from ..core.messages import Handshake, Piece
 from ..core.session import Close, SwarmSession
 from ..errors import HandshakeRefused
 from .dataplane import PeerHost, _Conn, check_handshake
@@ -50,6 +66,7 @@ _PAST_ROUNDS_KEPT = 64        # swarm ids of old rounds remembered for refusals
 class RoundHandler(Protocol):
     def handle_peer(self, peer: int, round_idx: int, msg: object) -> None: ...
     def peer_closed(self, peer: int, round_idx: int) -> None: ...
+    def reconnect(self, peer: int, round_idx: int) -> None: ...
 
 
 class RoundDataPlane(PeerHost):
@@ -57,10 +74,20 @@ class RoundDataPlane(PeerHost):
 
     def __init__(self, handler: RoundHandler, host: str = "127.0.0.1", port: int = 0,
                  handshake_timeout: float = 10.0, connect_timeout: float = 5.0,
-                 dial_attempts: int = 4, max_block_size: int = 128 * 1024) -> None:
+                 dial_attempts: int = 4, max_block_size: int = 128 * 1024,
+                 faults: Faults = Faults(), fault_seed: object = 0,
+                 max_redials: int = 3) -> None:
         super().__init__(-1, host, port, handshake_timeout, connect_timeout, max_block_size)
         self.handler = handler
         self.dial_attempts = dial_attempts
+        self.faults = faults
+        self.fault_seed = fault_seed
+        self.max_redials = max_redials
+        self.fault_counts = {"dropped": 0, "duplicated": 0, "corrupted": 0, "delayed": 0,
+                             "reordered": 0, "disconnects": 0}
+        self._decider: Optional[FaultDecider] = None
+        self._redials: dict[int, int] = {}            # peer -> redials this round
+        self._closing: set = set()                    # connections the session closed
         self.round: Optional[int] = None
         self.session: Optional[SwarmSession] = None
         self.addresses: dict[int, tuple[str, int]] = {}
@@ -85,6 +112,12 @@ class RoundDataPlane(PeerHost):
         self.addresses = dict(addresses)
         self._limits_now = WireLimits(num_pieces=session.layout.num_pieces,
                                       max_block_size=session.config.max_block_size)
+        self._redials = {}
+        if self.faults.any:
+            self._decider = FaultDecider(self.faults,
+                                         f"{self.fault_seed}:{self.peer_id}:{round_idx}")
+        if self.peer_id in self.faults.crashes_in(round_idx):
+            asyncio.get_running_loop().call_later(self.faults.crash_at, self._crash, round_idx)
         # Wake parked handshakes: theirs may be this round.
         self._round_changed.set()
         self._round_changed = asyncio.Event()
@@ -98,12 +131,22 @@ class RoundDataPlane(PeerHost):
             while len(self._past_swarms) > _PAST_ROUNDS_KEPT:
                 self._past_swarms.pop(next(iter(self._past_swarms)))
         for conn in list(self._conns.values()):
+            self._closing.add(conn)
             self._drop(conn, "round over", graceful=True)
+        self._closing.clear()
         self._pending.clear()
         self.round, self.session = None, None
 
     # ---- PeerTransport --------------------------------------------------------
     def send_peer(self, src: int, dst: int, round_idx: int, msg: object) -> None:
+        if self._closed or round_idx != self.round:
+            return
+        if self._decider is not None:
+            self._send_faulty(dst, round_idx, msg)
+            return
+        self._send_now(dst, round_idx, msg)
+
+    def _send_now(self, dst: int, round_idx: int, msg: object) -> None:
         if self._closed or round_idx != self.round:
             return
         if dst in self._pending:
@@ -122,7 +165,45 @@ class RoundDataPlane(PeerHost):
         self._pending.pop(dst, None)
         conn = self._conns.get(dst)
         if conn is not None:
+            self._closing.add(conn)
             self._enqueue(dst, Close("closed by the session"))
+
+    # ---- faults ---------------------------------------------------------------
+    def _send_faulty(self, dst: int, round_idx: int, msg: object) -> None:
+        d = self._decider.decide(corruptible=type(msg) is Piece)
+        counts = self.fault_counts
+        if d.disconnect:
+            counts["disconnects"] += 1
+            conn = self._conns.get(dst)
+            if conn is not None:
+                log.info("fault: peer %s cuts its connection to %s", self.peer_id, dst)
+                self._drop(conn, "fault: disconnect", graceful=False)
+            return
+        if d.drop:
+            counts["dropped"] += 1
+            return
+        if d.corrupt:
+            counts["corrupted"] += 1
+            msg = Piece(msg.index, msg.begin, flip_byte(msg.block, self._decider.rng))
+        if d.copies > 1:
+            counts["duplicated"] += 1
+        loop = asyncio.get_running_loop()
+        for _ in range(d.copies):
+            jitter = self._decider.reorder_jitter()
+            counts["reordered"] += jitter > 0
+            counts["delayed"] += d.delay > 0
+            if d.delay + jitter > 0:
+                loop.call_later(d.delay + jitter, self._send_now, dst, round_idx, msg)
+            else:
+                self._send_now(dst, round_idx, msg)
+
+    def _crash(self, round_idx: int) -> None:
+        if self._closed or self.round != round_idx:
+            return
+        log.warning("fault: client %s crashes (SIGKILL) in round %s", self.peer_id, round_idx)
+        for handler in logging.getLogger().handlers + logging.getLogger("fs_bittorrent").handlers:
+            handler.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
 
     async def _dial_round(self, dst: int, round_idx: int) -> None:
         host, port = self.addresses[dst]
@@ -189,5 +270,20 @@ class RoundDataPlane(PeerHost):
         self.handler.handle_peer(conn.pid, conn.round, msg)
 
     def _lost(self, conn: _Conn) -> None:
-        if conn.round is not None and conn.round == self.round:
-            self.handler.peer_closed(conn.pid, conn.round)
+        if conn.round is None or conn.round != self.round:
+            return
+        self.handler.peer_closed(conn.pid, conn.round)
+        if conn in self._closing:
+            self._closing.discard(conn)
+            return                        # the session closed it: no redial
+        pid, rnd = conn.pid, conn.round
+        if self.peer_id < pid and self._redials.get(pid, 0) < self.max_redials:
+            self._redials[pid] = self._redials.get(pid, 0) + 1
+            asyncio.get_running_loop().call_later(self.faults.reconnect_after,
+                                                  self._redial, pid, rnd)
+
+    def _redial(self, pid: int, rnd: int) -> None:
+        if self._closed or self.round != rnd or pid in self._conns or pid in self._pending:
+            return
+        log.info("peer %s: redialing peer %s (round %s)", self.peer_id, pid, rnd)
+        self.handler.reconnect(pid, rnd)
