@@ -6,6 +6,8 @@ plane.  Skipped without FederatedScope.
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -43,7 +45,9 @@ def client_db(out: Path, cid: int) -> Path:
 def three_rounds(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     out = tmp / "out"
-    result = run(plan(toy_distributed_cfg(tmp, rounds=3), 4, out, DIST_OPTS), timeout=240)
+    env = dict(os.environ, FS_BITTORRENT_PROGRESS="1")     # bars into the log files
+    result = run(plan(toy_distributed_cfg(tmp, rounds=3), 4, out, DIST_OPTS), timeout=240,
+                 env=env)
     return out, result
 
 
@@ -138,3 +142,16 @@ def test_client_killed_mid_exchange_the_others_and_the_server_go_on(tmp_path):
     assert "evaluation deadline" in server_log
     killed_log = (out / "logs" / f"{result.killed()[0]}.log").read_text()
     assert "crashes (SIGKILL) in round 1" in killed_log
+
+
+def test_server_shows_a_progress_bar_per_round_fed_by_the_clients(three_rounds):
+    """In distributed runs the server's bar advances on the clients'
+    bt_progress messages and ends full (every client holds every piece)."""
+    out, result = three_rounds
+    assert result.ok, result.log_tail()
+    text = (out / "logs" / "server.log").read_text(errors="replace")
+    for rnd in range(3):
+        finals = re.findall(rf"round {rnd} exchange: +(\d+)%\|[^\r\n]*?(\d+)/(\d+)", text)
+        assert finals, f"no progress bar for round {rnd}"
+        pct, done, total = finals[-1]
+        assert pct == "100" and done == total and int(total) > 0, finals[-1]

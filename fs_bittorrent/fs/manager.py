@@ -493,6 +493,7 @@ class ServerManager(BitTorrentManager):
             self.protocol_errors += 1
             log.error("server: bad report from client %s: %s", message.sender, exc)
             return
+        self._advance_progress(message.sender, report.round, report.pieces_have)
         self._act(actions)
 
     def on_stats(self, message: Any) -> None:
@@ -530,11 +531,15 @@ class ServerManager(BitTorrentManager):
             log.error("server: bad %s from client %s: %s", wire.MSG_PROGRESS, message.sender,
                       exc)
             return
+        self._advance_progress(message.sender, round_idx, have)
+
+    def _advance_progress(self, client: int, round_idx: int, have: int) -> None:
+        """Move the round's bar by what ``client`` gathered since it last said."""
         if self.progress is None or round_idx != self.coordinator.round:
             return
-        before = self._progress_have.get(message.sender, 0)
+        before = self._progress_have.get(client, 0)
         if have > before:
-            self._progress_have[message.sender] = have
+            self._progress_have[client] = have
             self.progress.advance(round_idx, have - before)
 
     def poll(self) -> None:

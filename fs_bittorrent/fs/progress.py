@@ -1,7 +1,9 @@
 """A progress bar per exchange round: pieces gathered across the swarm.
 
 Quiet when stderr is not a terminal or under CI, so logs and CI output stay
-clean; pass ``enabled=True`` (and a ``file``) to force it.
+clean; pass ``enabled=True`` (and a ``file``) to force it, or set the
+environment variable ``FS_BITTORRENT_PROGRESS`` to 1 (on) or 0 (off) --
+handy for distributed runs whose output goes to log files.
 """
 from __future__ import annotations
 
@@ -11,9 +13,14 @@ from typing import IO, Optional
 
 from tqdm import tqdm
 
+PROGRESS_ENV = "FS_BITTORRENT_PROGRESS"
+
 
 class SwarmProgress:
     def __init__(self, enabled: Optional[bool] = None, file: Optional[IO[str]] = None) -> None:
+        forced = os.environ.get(PROGRESS_ENV, "")
+        if enabled is None and forced in ("0", "1"):
+            enabled = forced == "1"
         if enabled is None:
             enabled = sys.stderr.isatty() and not os.environ.get("CI")
         self.enabled = enabled
