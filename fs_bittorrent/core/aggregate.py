@@ -53,7 +53,11 @@ def coverage_fedavg(contributions: Sequence[Contribution],
             raise ManifestError("tensors", m.owner,
                                 f"owner {m.owner}'s model layout differs from owner "
                                 f"{contributions[0][0].owner}'s")
-    acc: dict[str, torch.Tensor] = {}
+    specs = {t.name: t for t in contributions[0][0].tensors}
+    acc = {name: torch.zeros(spec.shape, dtype=torch.float64) for name, spec in specs.items()}
+    # Weight per element: complete contributors add a scalar (no mask work,
+    # the common case); partial ones add their coverage mask times weight.
+    full_weight = 0.0
     wsum: dict[str, torch.Tensor] = {}
     used: list[int] = []
     for m, pieces in contributions:
@@ -61,25 +65,30 @@ def coverage_fedavg(contributions: Sequence[Contribution],
             continue
         used.append(m.owner)
         w = float(m.sample_count)
+        complete = len(pieces) == m.num_pieces
+        if complete:
+            full_weight += w
         for name, (values, mask) in partial_state_dict(m, pieces, verify=verify).items():
+            if complete:
+                acc[name].add_(values.to(torch.float64), alpha=w)
+                continue
             wm = mask.to(torch.float64) * w
-            contrib = values.to(torch.float64) * wm
-            if name in acc:
-                acc[name] += contrib
+            acc[name] += values.to(torch.float64) * wm
+            if name in wsum:
                 wsum[name] += wm
             else:
-                acc[name] = contrib
                 wsum[name] = wm
     out: dict[str, torch.Tensor] = {}
     coverage: dict[str, torch.Tensor] = {}
     covered = total = 0
-    specs = {t.name: t for t in contributions[0][0].tensors}
     for name, spec in specs.items():
         dtype = TORCH_DTYPES[spec.dtype]
-        if name not in acc:
-            acc[name] = torch.zeros(spec.shape, dtype=torch.float64)
-            wsum[name] = torch.zeros(spec.shape, dtype=torch.float64)
-        cov = wsum[name] > 0
+        if name in wsum:
+            weight = wsum[name] + full_weight
+        else:
+            weight = torch.full(spec.shape, full_weight, dtype=torch.float64)
+        wsum[name] = weight
+        cov = weight > 0
         mean = torch.where(cov, acc[name] / torch.where(cov, wsum[name], torch.ones_like(wsum[name])),
                            torch.zeros_like(acc[name]))
         if dtype == torch.bool:

@@ -45,13 +45,14 @@ class CompletionReport:
     pieces_total: int
     bytes_up: int = 0
     bytes_down: int = 0
-    exchange_time: float = 0.0     # seconds from the start of the exchange
+    exchange_time: float = 0.0     # seconds from the start to the last piece (or the cut)
     reason: str = ""
     first_piece_time: float = -1.0  # seconds to the first verified piece (-1: none)
     timeouts: int = 0
     corrupt_pieces: int = 0
     duplicate_blocks: int = 0
     timeline: tuple[tuple[float, float], ...] = ()  # (seconds, completion) samples
+    aggregate_time: float = 0.0    # seconds the client then spent on FedAvg (run's clock)
 
     @property
     def completion(self) -> float:

@@ -311,18 +311,25 @@ class ClientManager(BitTorrentManager):
     def _finish_exchange(self, reason: str) -> None:
         if self.aggregated:
             return
-        self._aggregate()
         s = self.session
-        now = self.now()
-        self._sample()
+        # The exchange ends with the last piece (or the cut); FedAvg after it
+        # is compute, reported on its own.  (In standalone both are instant
+        # in virtual time; in distributed runs aggregation takes wall time.)
+        done_at = s.stats.completed_at if s.complete and s.stats.completed_at is not None \
+            else self.now()
+        self.timeline.append((done_at - self.started_at, s.completion()))
+        t0 = self.now()       # the run's clock: 0 s of virtual time in standalone
+        self._aggregate()
+        aggregate_time = self.now() - t0
         first = s.stats.first_piece_at
         report = CompletionReport(self.round, s.complete, s.pieces_have, self.layout.num_pieces,
-                                  s.stats.bytes_up, s.stats.bytes_down, now - self.started_at,
-                                  reason,
+                                  s.stats.bytes_up, s.stats.bytes_down,
+                                  done_at - self.started_at, reason,
                                   first_piece_time=-1.0 if first is None else first - self.started_at,
                                   timeouts=s.stats.timeouts, corrupt_pieces=s.stats.corrupt_pieces,
                                   duplicate_blocks=s.stats.duplicate_blocks,
-                                  timeline=tuple(self.timeline))
+                                  timeline=tuple(self.timeline),
+                                  aggregate_time=aggregate_time)
         self.reported = True
         self._send(self._message(wire.MSG_REPORT, [self.worker.server_id], self.round,
                                  wire.pack_report(report)))
@@ -630,6 +637,7 @@ class ServerManager(BitTorrentManager):
                                  for c, r in sorted(e.reports.items())},
             "timeline": {str(c): [list(x) for x in r.timeline]
                          for c, r in sorted(e.reports.items())},
+            "aggregate_time": {str(c): r.aggregate_time for c, r in sorted(e.reports.items())},
             "model_bytes": sum(sizes.values()),
             "t_lb": t_lb,
             "eta": (t_lb / exchange_time) if t_lb and exchange_time > 0 else None,
@@ -655,13 +663,14 @@ class ServerManager(BitTorrentManager):
                             stats["bytes_up"][c], stats["bytes_down"][c],
                             stats["first_piece_time"][c], stats["timeouts"][c],
                             stats["corrupt_pieces"][c], stats["duplicate_blocks"][c],
+                            stats["aggregate_time"][c],
                             "" if stats["t_lb"] is None else stats["t_lb"],
                             "" if stats["eta"] is None else stats["eta"]])
 
 
 CSV_COLUMNS = ("round", "client", "reason", "clock", "exchange_time", "completion",
                "bytes_up", "bytes_down", "first_piece_time", "timeouts", "corrupt_pieces",
-               "duplicate_blocks", "t_lb", "eta")
+               "duplicate_blocks", "aggregate_time", "t_lb", "eta")
 
 
 def experiment_name(cfg: Any) -> str:

@@ -150,7 +150,8 @@ def pack_report(report: CompletionReport) -> dict:
             "first_piece_time": float(report.first_piece_time),
             "timeouts": report.timeouts, "corrupt_pieces": report.corrupt_pieces,
             "duplicate_blocks": report.duplicate_blocks,
-            "timeline": [[float(t), float(c)] for t, c in report.timeline]}
+            "timeline": [[float(t), float(c)] for t, c in report.timeline],
+            "aggregate_time": float(report.aggregate_time)}
 
 
 def _timeline(content: Any) -> tuple[tuple[float, float], ...]:
@@ -176,7 +177,15 @@ def unpack_report(content: Any) -> CompletionReport:
         timeouts=_require(content, "timeouts", int, MSG_REPORT),
         corrupt_pieces=_require(content, "corrupt_pieces", int, MSG_REPORT),
         duplicate_blocks=_require(content, "duplicate_blocks", int, MSG_REPORT),
-        timeline=_timeline(content))
+        timeline=_timeline(content),
+        aggregate_time=_optional_float(content, "aggregate_time"))
+
+
+def _optional_float(content: Any, key: str) -> float:
+    """A float field older senders may omit (0.0 then)."""
+    if isinstance(content, Mapping) and key not in content:
+        return 0.0
+    return _require(content, key, float, MSG_REPORT)
 
 
 def pack_stats(round_idx: int, bytes_up: int, bytes_down: int, pieces_have: int) -> dict:
