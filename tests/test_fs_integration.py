@@ -207,7 +207,7 @@ def test_round_metrics_files_parse_and_agree_with_the_store(tmp_path):
             assert fractions[-1] == s["completion"][c]
             assert 0 < s["first_piece_time"][c] <= s["exchange_time"]
         # Every byte one client downloaded, another uploaded.
-        assert sum(s["bytes_down"].values()) <= sum(s["bytes_up"].values()) + 1
+        assert sum(s["bytes_down"].values()) == sum(s["bytes_up"].values())
     # The store agrees on what each client holds in the rounds it keeps.
     from fs_bittorrent.store.sqlite_store import SQLitePieceStore
     db = SQLitePieceStore(os.path.join(runner.settings.db_dir, "pieces.db"))
@@ -216,7 +216,11 @@ def test_round_metrics_files_parse_and_agree_with_the_store(tmp_path):
             total = sum(m.num_pieces for m in db.manifests(r))
             for c, frac in stats[r]["completion"].items():
                 assert len(db.held_pieces(r, int(c))) == round(frac * total)
-                assert db.get_session(r, int(c))["state"] == "complete"
+                row = db.get_session(r, int(c))
+                assert row["state"] == "complete"
+                # same bytes: the metrics carry each client's final counts
+                assert (row["bytes_up"], row["bytes_down"]) == \
+                    (stats[r]["bytes_up"][c], stats[r]["bytes_down"][c])
     finally:
         db.close()
 
