@@ -9,7 +9,8 @@ puts every piece for several holders with small batches.  After every
 explicit ``flush()`` it prints ``committed <round> <n>``: ``n`` chunks of
 that round are committed, so the database must still hold at least that
 many after the process is killed.  The parent test kills it with SIGKILL
-at some point and checks the file.
+at some point and checks the file; ``replay(seed, round)`` gives it the
+pieces of any round back, so it can rejoin that round or the next.
 """
 from __future__ import annotations
 
@@ -36,6 +37,23 @@ def manifest_for(owner: int, rnd: int, pieces: list[bytes]) -> Manifest:
                     sample_count=1, tensors=())
 
 
+def round_owners(rng: random.Random) -> dict[int, list[bytes]]:
+    """One round's two owners (draws from ``rng``; owner 1 shares the even
+    pieces of owner 0, so those blobs are stored once)."""
+    p0 = [rng.randbytes(PIECE) for _ in range(N_PIECES - 1)] + [rng.randbytes(PIECE // 3)]
+    p1 = [p0[i] if i % 2 == 0 else rng.randbytes(PIECE) for i in range(N_PIECES - 1)]
+    p1.append(rng.randbytes(PIECE // 2))
+    return {0: p0, 1: p1}
+
+
+def replay(seed: int, rnd: int) -> dict[int, list[bytes]]:
+    """The pieces the writer made in round ``rnd`` (rounds count from 1)."""
+    rng = random.Random(seed)
+    for _ in range(rnd - 1):
+        round_owners(rng)
+    return round_owners(rng)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("db")
@@ -48,10 +66,7 @@ def main() -> None:
     rnd = 0
     while True:
         rnd += 1
-        p0 = [rng.randbytes(PIECE) for _ in range(N_PIECES - 1)] + [rng.randbytes(PIECE // 3)]
-        p1 = [p0[i] if i % 2 == 0 else rng.randbytes(PIECE) for i in range(N_PIECES - 1)]
-        p1.append(rng.randbytes(PIECE // 2))
-        owners = {0: p0, 1: p1}
+        owners = round_owners(rng)
         for owner, pieces in owners.items():
             store.put_manifest(manifest_for(owner, rnd, pieces))
         store.cleanup(keep_rounds=2)

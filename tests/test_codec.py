@@ -626,3 +626,81 @@ def test_fuzz_mutated_valid_stream(data):
         if isinstance(out, BitTorrentError):
             assert dec.buffered == before
             break
+
+
+# --------------------------------------------------------------------------
+# Hostile length fields: allocation stays bounded by the bytes that arrived
+# --------------------------------------------------------------------------
+
+def _traced_peak(fn) -> tuple[object, int]:
+    """(result or exception, peak bytes traced while ``fn`` ran)."""
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        try:
+            out = fn()
+        except BitTorrentError as exc:
+            out = exc
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return out, peak
+
+
+@pytest.mark.parametrize("limits", [WireLimits(), WireLimits(num_pieces=8 * 4_000_000),
+                                    WireLimits(num_pieces=3, max_block_size=16)],
+                         ids=["default", "huge-bitfield-limit", "tight"])
+@pytest.mark.parametrize("prefix", [U32_MAX, 2**31, 2**24 + 3, "max_frame", "max_frame+1"])
+def test_hostile_length_prefix_never_allocates_what_it_claims(limits, prefix):
+    """A peer announces a frame of up to 4 GiB, then trickles bytes.  A prefix
+    over the limit is refused on its four bytes alone; one within the limit
+    (up to 4 MB for a swarm with 32 million pieces) is only ever buffered as
+    far as its bytes have arrived."""
+    n = {"max_frame": limits.max_frame - 4,
+         "max_frame+1": limits.max_frame - 3}.get(prefix, prefix)
+    junk = (bytes([BITFIELD_ID]) + b"\x00" * 4095)[:min(4096, n - 1)]  # never the whole frame
+
+    def attack():
+        dec = FrameDecoder(limits, expect_handshake=False)
+        dec.feed(struct.pack(">I", n))
+        fed = 4
+        for i in range(0, len(junk), 64):
+            out = dec.next_message()
+            assert out is None        # still waiting for the body it announced
+            dec.feed(junk[i:i + 64])
+            fed += len(junk[i:i + 64])
+            assert dec.buffered == fed
+        return dec.next_message()
+
+    out, peak = _traced_peak(attack)
+    if n + 4 > limits.max_frame:
+        assert isinstance(out, FrameTooLarge) and out.field == "frame_length" and out.value == n
+    else:
+        assert out is None           # a legal length, still incomplete: no decision yet
+    assert peak < 64 * 1024, peak    # a few KiB received, a few KiB used, whatever n says
+
+
+BITFIELD_ID = 5
+
+
+@FUZZ
+@given(u32, st.binary(max_size=600), fuzz_limits, st.booleans())
+def test_fuzz_length_prefixes_allocate_at_most_what_arrived(n, body, lim, handshake_first):
+    def attack():
+        dec = FrameDecoder(lim, expect_handshake=handshake_first)
+        if handshake_first:
+            dec.feed(encode(HS))
+            assert dec.next_message() == HS
+        dec.feed(struct.pack(">I", n) + body)
+        while dec.next_message() is not None:
+            pass
+
+    out, peak = _traced_peak(attack)
+    assert out is None or isinstance(out, BitTorrentError)
+    assert peak < 32 * 1024 + 4 * len(body), (n, len(body), peak)
+
+
+def test_hostile_handshake_prefix_is_refused_before_buffering_a_handshake():
+    dec = FrameDecoder(WireLimits())
+    out, peak = _traced_peak(lambda: (dec.feed(bytes([255]) + b"\xff" * 20), dec.next_message()))
+    assert isinstance(out, HandshakeRefused) and peak < 16 * 1024

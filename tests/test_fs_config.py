@@ -37,16 +37,22 @@ AUX = {"__cfg_check_funcs__", "__help_info__", "is_ready_for_run"}
 
 DEFAULTS = {
     "enable": False, "piece_size": 262144, "block_size": 16384, "timeout": 60.0,
+    "manifest_timeout": 600.0,
     "min_completion_ratio": 0.5, "insufficient_policy": "proceed", "missing_policy": "global",
     "max_upload_slots": 0, "credit_bytes": 4194304, "max_requests_per_peer": 64,
     "min_requests_per_peer": 4, "request_queue_time": 0.05, "request_timeout": 10.0,
     "max_retries": 5, "end_game_threshold": 0, "end_game_delay": 0.5,
     "keepalive_interval": 30.0, "peer_timeout": 120.0, "max_corrupt_pieces": 3,
-    "tick_interval": 0.5, "keep_rounds": 2, "db_dir": "", "secret": "", "seed": -1,
+    "tick_interval": 0.5, "keep_rounds": 2, "db_dir": "", "secret": "",
+    "dataplane_host": "", "dataplane_port": 0, "seed": -1,
     "topology": "full", "degree": 4, "neighbors": [],
     "network.upload": 100.0, "network.upload_per_client": [], "network.upload_dist": "",
     "network.download": 100.0, "network.download_per_client": [], "network.download_dist": "",
     "network.latency": 0.005, "network.latency_per_client": [], "network.latency_dist": "",
+    "faults.drop": 0.0, "faults.duplicate": 0.0, "faults.reorder": 0.0,
+    "faults.reorder_delay": 0.05, "faults.corrupt": 0.0, "faults.delay": 0.0,
+    "faults.delay_max": 2.0, "faults.disconnect": 0.0, "faults.reconnect_after": 1.0,
+    "faults.crash_clients": [], "faults.crash_round": 0, "faults.crash_at": 0.0,
 }
 
 
@@ -139,7 +145,8 @@ def test_settings_defaults_match_cfg_defaults():
         attr = key.replace(".", "_")
         if key in ("seed",):
             continue
-        got = getattr(s, attr)
+        got = getattr(s.faults, key[len("faults."):]) if key.startswith("faults.") \
+            else getattr(s, attr)
         assert got == (tuple(default) if isinstance(default, list) else default), key
 
 
@@ -308,6 +315,8 @@ BAD_ALWAYS = [  # rejected even with enable False
     ("bittorrent.timeout", 0.0),
     ("bittorrent.timeout", -3.0),
     ("bittorrent.keep_rounds", 0),
+    ("bittorrent.dataplane_port", 70000),
+    ("bittorrent.dataplane_port", -1),
     ("bittorrent.seed", -2),
     ("bittorrent.degree", 0),
     ("bittorrent.max_retries", -1),

@@ -407,3 +407,45 @@ def test_some_mutations_still_decode():
     data[40] ^= 1
     m = decode_manifest(bytes(data))
     assert m.piece_hashes != decode_manifest(_SEED).piece_hashes
+
+
+@st.composite
+def hostile_counts(draw) -> bytes:
+    """A manifest whose length and count fields claim anything (up to their
+    maximum) while the bytes behind them are few."""
+    tensors = tuple(
+        (draw(st.binary(max_size=8)), draw(st.sampled_from([b"F32", b"U8", b"x" * 255])),
+         tuple(draw(st.lists(st.integers(0, U64), max_size=4))),
+         draw(st.integers(0, U64)), draw(st.integers(0, U64)))
+        for _ in range(draw(st.integers(0, 2))))
+    data = raw_encode(total_size=draw(st.integers(0, U64)), piece_size=draw(st.integers(0, U32)),
+                      n_pieces=draw(st.integers(0, U32)),
+                      hashes=draw(st.binary(max_size=100)),
+                      n_tensors=draw(st.integers(0, U32)), tensors=tensors)
+    # and cut anywhere, or raise a length field inside the tensor table
+    cut = draw(st.integers(0, len(data)))
+    data = data[:cut]
+    if data and draw(st.booleans()):
+        i = draw(st.integers(0, len(data) - 1))
+        data = data[:i] + b"\xff" + data[i + 1:]
+    return data
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hostile_counts())
+def test_fuzz_hostile_counts_allocate_only_what_is_present(data):
+    """n_pieces, n_tensors, name_len, dtype_len, ndim, dims and offsets at
+    any value: only ManifestError escapes, and the decoder's allocations stay
+    within a small multiple of the bytes given (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        try:
+            m = decode_manifest(data)
+        except ManifestError:
+            m = None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024 + 8 * len(data), (len(data), peak)
+    if m is not None:
+        assert encode_manifest(m) == data

@@ -1607,3 +1607,123 @@ def test_not_interested_frees_the_slot_for_a_waiting_peer():
     assert d.handle(8, Interested(), 0.5) == []
     assert d.handle(7, NotInterested(), 1.0) == [(7, Choke()), (8, Unchoke())]
     assert not d.peers[8].am_choking and d.peers[7].am_choking
+
+
+# ---------------------------------------------------------------------------
+# hostile peers (issue 6): lies, replays, garbage
+# ---------------------------------------------------------------------------
+
+def _answer_liar(net: Pump, liar: int, victim: int, answered: set, block_for) -> int:
+    """Play the fake peer ``liar``: answer each new request with ``block_for``."""
+    n = 0
+    for m in list(net.outbox[liar]):
+        if isinstance(m, Request) and (m.index, m.begin) not in answered:
+            answered.add((m.index, m.begin))
+            net.post(liar, [(victim, Piece(m.index, m.begin, block_for(m)))])
+            n += 1
+    return n
+
+
+@pytest.mark.parametrize("lie", ["bitfield", "have"])
+@pytest.mark.parametrize("answer", ["silent", "garbage", "old_round"])
+def test_peer_lying_about_pieces_is_refused_penalised_and_bypassed(lie, answer, caplog):
+    """Peer 9 claims every piece (by bitfield or by haves) but holds none.
+    Silent, it times out and is dropped; answering with garbage or with the
+    same owner's bytes replayed from an earlier round, every piece it gives
+    fails its hash, is counted, and it is banned.  Either way the honest
+    owner serves the pieces and no byte from the liar is stored."""
+    import logging
+    caplog.set_level(logging.INFO, logger="fs_bittorrent.core.session")
+    # FS runs in the same process may stop "fs_bittorrent" propagating to the root
+    session_log = logging.getLogger("fs_bittorrent.core.session")
+    session_log.addHandler(caplog.handler)
+    try:
+        _lying_peer(lie, answer, caplog)
+    finally:
+        session_log.removeHandler(caplog.handler)
+
+
+def _lying_peer(lie, answer, caplog):
+    config = cfg(request_timeout=10.0, max_retries=0, max_corrupt_pieces=2)
+    owned = {0: make(0, 3, 64, rnd=1, seed=0, short_last=False)}
+    old = make(0, 3, 64, rnd=0, seed=7, short_last=False)[1]   # round 0's model bytes
+    layout = SwarmLayout((owned[0][0],))
+    s = {0: SwarmSession(0, layout, storage(owned[0]), config),
+         2: SwarmSession(2, layout, storage(), config)}
+    d = s[2]
+    net = Pump(s)
+    # the liar's claims, before the honest owner is even connected
+    net.post(9, [(2, hs(layout, 9)), (2, Unchoke())])
+    if lie == "bitfield":
+        net.post(9, [(2, Bitfield(encode_bits([True] * 3, 3)))])
+    else:
+        net.post(9, [(2, Have(i)) for i in range(3)])
+    net.run()
+    asked = {(m.index, m.begin) for m in net.outbox[9] if isinstance(m, Request)}
+    assert asked and d.peers[9].has_count == 3          # believed, and asked
+    answered: set = set()
+    garbage = {"garbage": lambda m: b"\xa5" * m.length,
+               "old_round": lambda m: old[m.index][m.begin:m.begin + m.length]}.get(answer)
+    while garbage is not None and _answer_liar(net, 9, 2, answered, garbage):
+        net.run()   # a failed piece goes back to the liar while it is the only "holder"
+    net.connect(2, 0)
+    t = 0.0
+    for _ in range(20):
+        net.run()
+        if d.complete:
+            break
+        t += 10.0
+        net.tick(t, 2)
+        net.run()
+    assert d.complete
+    assert_storage_verified(d)
+    assert all(d.storage.get(0, i) == owned[0][1][i] for i in range(3))
+    assert 9 not in d.peers                             # disconnected
+    closes = [m for src, dst, m in net.log if src == 2 and dst == 9 and isinstance(m, Close)]
+    if answer == "silent":
+        assert closes == [Close("unresponsive")] and d.stats.timeouts >= 1
+        assert d.stats.corrupt_pieces == 0 and 9 not in d.banned
+        assert "timed out" in caplog.text
+    else:
+        # blocks it had already sent arrive after the ban: each is answered by a Close
+        assert closes[0] == Close("served corrupt pieces") and d.banned == {9}
+        assert set(closes[1:]) <= {Close("banned")}
+        assert d.corrupt_by_peer == {9: 2} and d.stats.corrupt_pieces == 2
+        assert "failed its hash" in caplog.text and "banning peer 9" in caplog.text
+        # the ban holds for the rest of the round
+        assert d.handle(9, hs(layout, 9), t + 1) == [(9, Close("banned"))]
+    # every piece stored came from the owner, once
+    assert all(n == 1 for n in d.storage.puts.values()) and len(d.storage.puts) == 3
+    d.close(t + 1)
+    assert all_zero(d.record_counts())
+
+
+def test_have_for_a_piece_outside_the_swarm_is_refused_without_state_change():
+    """A lie that is also malformed (a have past the last piece, a bitfield
+    with spare bits) is a protocol error before any state changes; the host
+    then drops the connection."""
+    layout, owned, d = _handshaken_owner0()
+    n = layout.num_pieces
+    for msg, err in ((Have(n), PieceIndexOutOfRange), (Have(2 ** 32 - 1), PieceIndexOutOfRange),
+                     (Bitfield(b"\xff"), SpareBitsSet)):
+        before = snapshot(d)
+        with pytest.raises(err) as exc:
+            d.handle(1, msg, 5.0)
+        assert exc.value.field and snapshot(d) == before
+
+
+def test_replayed_handshake_of_an_old_round_then_its_messages_are_refused():
+    """A peer replaying round 0's handshake into round 1's swarm is refused
+    (swarm id), and everything it sends next needs a handshake first."""
+    m0 = make(0, 3, 64, rnd=0)[0]
+    m1 = make(0, 3, 64, rnd=1)[0]
+    old, new = SwarmLayout((m0,)), SwarmLayout((m1,))
+    d = SwarmSession(2, new, storage(), cfg())
+    before = snapshot(d)
+    with pytest.raises(HandshakeRefused) as exc:
+        d.handle(0, hs(old, 0), 1.0)
+    assert exc.value.field == "swarm_id"
+    for msg in (Bitfield(b"\xe0"), Have(0), Piece(0, 0, bytes(BS)), Request(0, 0, BS)):
+        with pytest.raises(HandshakeRequired):
+            d.handle(0, msg, 1.0)
+    assert snapshot(d) == before and not d.storage.keys()

@@ -673,6 +673,22 @@ def check_db_consistent(path) -> dict:
                                                (0.13, "thread"), (0.31, "thread"),
                                                (0.5, "inline")])
 def test_sigkill_mid_write_leaves_a_consistent_db(tmp_path, delay, writer_mode):
+    path, lines = kill_writer(tmp_path, delay, writer_mode)
+    found = check_db_consistent(path)
+    # every batch the writer saw committed survived the kill
+    last = [ln for ln in lines if ln[0] == "committed"][-1]
+    rnd, n = int(last[1]), int(last[2])
+    assert found["per_round"].get(rnd, 0) >= n, (last, found)
+    # and the store opens it: nothing needed dropping
+    with SQLitePieceStore(path, verify_on_open=True) as s:
+        assert s.open_report == {"quick_check": "ok", "dropped_unverified": 0,
+                                 "dropped_dangling": 0, "bad_blobs": 0, "bad_chunks": 0}
+        assert s.rounds()[-1] >= rnd
+
+
+def kill_writer(tmp_path, delay: float, writer_mode: str):
+    """Run store_writer_proc.py (seed ``delay`` in ms), SIGKILL it ``delay``
+    seconds after its first committed batch; returns (db path, its lines)."""
     path = tmp_path / "killed.db"
     proc = subprocess.Popen([sys.executable, WRITER, str(path), str(int(delay * 1000)),
                              "--writer", writer_mode],
@@ -702,13 +718,58 @@ def test_sigkill_mid_write_leaves_a_consistent_db(tmp_path, delay, writer_mode):
         proc.stdout.close()
         proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
-    found = check_db_consistent(path)
-    # every batch the writer saw committed survived the kill
-    last = [ln for ln in lines if ln[0] == "committed"][-1]
-    rnd, n = int(last[1]), int(last[2])
-    assert found["per_round"].get(rnd, 0) >= n, (last, found)
-    # and the store opens it: nothing needed dropping
+    return path, lines
+
+
+@pytest.mark.parametrize("delay,writer_mode", [(0.07, "thread"), (0.23, "inline")])
+def test_killed_client_store_reopens_and_rejoins_its_round_and_the_next(tmp_path, delay,
+                                                                         writer_mode):
+    """After a SIGKILL mid-write the client's database reopens with nothing
+    unverified in it; the client then serves in a swarm on it: it resumes
+    the interrupted round (fetching only what it had not committed) and
+    completes the next round, and cleanup keeps the file to keep_rounds."""
+    from fs_bittorrent.core.config import SwarmConfig
+    from fs_bittorrent.sim.network import LinkProfile
+    from fs_bittorrent.sim.swarm import build_swarm
+    import store_writer_proc as writer
+
+    path, lines = kill_writer(tmp_path, delay, writer_mode)
+    check_db_consistent(path)
+    seed = int(delay * 1000)
+    cfg = SwarmConfig(piece_size=writer.PIECE, block_size=16 * 1024, request_timeout=1.0,
+                      credit_bytes=1 << 20)
+    link = LinkProfile(up=50e6, down=50e6, latency=0.002)
     with SQLitePieceStore(path, verify_on_open=True) as s:
-        assert s.open_report == {"quick_check": "ok", "dropped_unverified": 0,
-                                 "dropped_dangling": 0, "bad_blobs": 0, "bad_chunks": 0}
-        assert s.rounds()[-1] >= rnd
+        rep = s.open_report
+        assert rep["quick_check"] == "ok" and rep["bad_blobs"] == rep["bad_chunks"] == 0
+        assert rep["dropped_unverified"] == 0
+        killed = s.rounds()[-1]
+        # 1. the interrupted round, resumed: holder 2 keeps what it had committed
+        pieces = writer.replay(seed, killed)
+        owners = {}
+        for m in s.manifests(killed):
+            assert m == writer.manifest_for(m.owner, killed, pieces[m.owner])
+            owners[m.owner] = (m, pieces[m.owner])
+        had = s.held_pieces(killed, 2)
+        swarm = build_swarm(owners, cfg, link, seed=killed, peers=[0, 1, 2],
+                            storage_factory=lambda pid: s.holder_view(killed, pid))
+        assert swarm.run(until=600).complete
+        total = sum(m.num_pieces for m, _ in owners.values())
+        d = swarm.sessions[2]
+        assert d.stats.pieces_received == total - len(had)      # only what was missing
+        # 2. the next round: three owners, the restarted client among them
+        nxt = killed + 1
+        fresh = {o: make_owner(o, nxt, 6, seed=seed, piece_size=writer.PIECE) for o in range(3)}
+        for m, _ in fresh.values():
+            s.put_manifest(m)
+        swarm = build_swarm(fresh, cfg, link, seed=nxt,
+                            storage_factory=lambda pid: s.holder_view(nxt, pid))
+        assert swarm.run(until=600).complete
+        s.flush()
+        for pid in range(3):
+            for o, (m, ps) in fresh.items():
+                assert [s.get_piece(nxt, o, i, pid) for i in range(m.num_pieces)] == ps
+        s.cleanup(keep_rounds=2)
+        assert s.rounds() == [killed, nxt]
+    found = check_db_consistent(path)
+    assert set(found["per_round"]) == {killed, nxt}

@@ -41,6 +41,7 @@ from federatedscope.core.configs.config import CN
 from federatedscope.core.configs.yacs_config import Argument, CfgNode
 
 from ..core.config import SwarmConfig
+from ..core.faults import Faults
 from ..core.manifest import MAX_PIECE_SIZE
 from ..core.topology import (TOPOLOGIES, feasible_degree, make_topology, restrict,
                              validate_topology)
@@ -73,6 +74,8 @@ HELP = {
     "piece_size": "bytes per piece (the unit hashed and announced); 1..64 MiB",
     "block_size": "bytes per request/piece block; <= piece_size and <= 128 KiB",
     "timeout": "per-round exchange deadline in seconds (virtual seconds in standalone)",
+    "manifest_timeout": "seconds the server waits for a round's manifests (local training) "
+                        "before it starts the exchange with those that arrived",
     "min_completion_ratio": "fraction of clients that must complete by the deadline, in [0, 1]",
     "insufficient_policy": "'proceed' | 'abort': what the server does when fewer than "
                            "min_completion_ratio of the clients completed at the deadline",
@@ -94,6 +97,9 @@ HELP = {
     "keep_rounds": "rounds of pieces kept in the store (>= 1)",
     "db_dir": "directory of the piece store; '' means <outdir>/bittorrent",
     "secret": "shared handshake secret; '' means a random per-run secret",
+    "dataplane_host": "distributed only: address this client's data plane listens on and "
+                      "publishes to its peers; '' = distribute.client_host",
+    "dataplane_port": "distributed only: TCP port of this client's data plane; 0 = any free port",
     "seed": "seed of the exchange (topology, picker, simulated links); -1 means cfg.seed",
     "topology": "peer graph: 'full' | 'ring' | 'random_regular' | 'explicit'",
     "degree": "neighbours per client for topology 'random_regular'",
@@ -115,6 +121,22 @@ HELP = {
                                   "[] = use network.latency",
     "network.latency_dist": "standalone only: latency in seconds drawn per client (forms as "
                             "network.upload_dist); '' = use network.latency",
+    "faults.drop": "fault injection, standalone: probability that a peer message is lost",
+    "faults.duplicate": "fault injection: probability that a peer message arrives twice",
+    "faults.reorder": "fault injection: probability that a peer message is held up to "
+                      "faults.reorder_delay seconds, so later ones overtake it",
+    "faults.reorder_delay": "fault injection: largest extra delay of a reordered message (s)",
+    "faults.corrupt": "fault injection: probability that a piece block has a byte flipped",
+    "faults.delay": "fault injection: probability that a peer message stalls up to "
+                    "faults.delay_max seconds before it is sent",
+    "faults.delay_max": "fault injection: longest stall of a delayed message (s)",
+    "faults.disconnect": "fault injection: probability per peer message that its connection "
+                         "is cut (the message is lost); redialled after faults.reconnect_after",
+    "faults.reconnect_after": "fault injection: seconds from a cut connection to its redial",
+    "faults.crash_clients": "fault injection: client ids whose exchange dies in round "
+                            "faults.crash_round (no report; they rejoin the next round)",
+    "faults.crash_round": "fault injection: the round in which faults.crash_clients crash",
+    "faults.crash_at": "fault injection: seconds after that round's exchange started",
 }
 
 
@@ -125,6 +147,7 @@ def extend_bittorrent_cfg(cfg: CfgNode) -> None:
     bt.piece_size = 262144                # bytes per piece (256 KiB), 1..64 MiB
     bt.block_size = 16384                 # bytes per request block (16 KiB), <= piece_size, <= 128 KiB
     bt.timeout = 60.0                     # per-round exchange deadline, s (virtual s in standalone)
+    bt.manifest_timeout = 600.0           # s to wait for a round's manifests (local training)
     bt.min_completion_ratio = 0.5         # fraction of clients that must complete by the deadline
     bt.insufficient_policy = 'proceed'    # 'proceed' | 'abort' when fewer completed at the deadline
     bt.missing_policy = 'global'          # 'global' | 'local': fill for elements nobody delivered
@@ -144,6 +167,8 @@ def extend_bittorrent_cfg(cfg: CfgNode) -> None:
     bt.keep_rounds = 2                    # rounds of pieces kept in the store
     bt.db_dir = ''                        # piece store dir; '' = <outdir>/bittorrent
     bt.secret = ''                        # handshake secret; '' = random per-run secret
+    bt.dataplane_host = ''                # distributed: data plane address; '' = distribute.client_host
+    bt.dataplane_port = 0                 # distributed: data plane TCP port; 0 = any free port
     bt.seed = -1                          # exchange seed; -1 = cfg.seed
     bt.topology = 'full'                  # 'full' | 'ring' | 'random_regular' | 'explicit'
     bt.degree = 4                         # neighbours per client for 'random_regular'
@@ -162,6 +187,22 @@ def extend_bittorrent_cfg(cfg: CfgNode) -> None:
     bt.network.latency = 0.005            # one-way latency in seconds (may be 0)
     bt.network.latency_per_client = []    # seconds, one per client
     bt.network.latency_dist = ''          # e.g. 'choice(0.001,0.05)'
+
+    # Fault injection on the peer messages (standalone runner), seeded by the
+    # exchange seed.  Everything off by default.  See core/faults.py.
+    bt.faults = CN()
+    bt.faults.drop = 0.0                  # probability a peer message is lost
+    bt.faults.duplicate = 0.0             # ... arrives twice
+    bt.faults.reorder = 0.0               # ... is held up to reorder_delay (overtaken)
+    bt.faults.reorder_delay = 0.05        # s
+    bt.faults.corrupt = 0.0               # ... (a piece block) has one byte flipped
+    bt.faults.delay = 0.0                 # ... stalls up to delay_max before it is sent
+    bt.faults.delay_max = 2.0             # s
+    bt.faults.disconnect = 0.0            # ... cuts its connection (redial after reconnect_after)
+    bt.faults.reconnect_after = 1.0       # s
+    bt.faults.crash_clients = []          # client ids whose exchange dies in crash_round
+    bt.faults.crash_round = 0
+    bt.faults.crash_at = 0.0              # s after that round's exchange started
 
     cfg.bittorrent = bt
 
@@ -188,18 +229,22 @@ def register_bittorrent_config() -> None:
 # reading and checking values
 # --------------------------------------------------------------------------- #
 
-_BASIC_KEYS = tuple(k for k in HELP if not k.startswith("network."))
+_BASIC_KEYS = tuple(k for k in HELP if "." not in k)
+_FAULT_KEYS = tuple(k[len("faults."):] for k in HELP if k.startswith("faults."))
 _QUANTITIES = ("upload", "download", "latency")
 _NETWORK_KEYS = tuple(f"{q}{sfx}" for q in _QUANTITIES for sfx in ("", "_per_client", "_dist"))
 
 _INT_KEYS = ("piece_size", "block_size", "max_upload_slots", "credit_bytes",
              "max_requests_per_peer", "min_requests_per_peer", "max_retries",
-             "end_game_threshold", "max_corrupt_pieces", "keep_rounds", "seed", "degree")
-_FLOAT_KEYS = ("timeout", "min_completion_ratio", "request_queue_time", "request_timeout",
+             "end_game_threshold", "max_corrupt_pieces", "keep_rounds", "seed", "degree",
+             "dataplane_port")
+_FLOAT_KEYS = ("timeout", "manifest_timeout", "min_completion_ratio", "request_queue_time", "request_timeout",
                "end_game_delay", "keepalive_interval", "peer_timeout", "tick_interval")
-_STR_KEYS = ("insufficient_policy", "missing_policy", "db_dir", "secret", "topology")
+_STR_KEYS = ("insufficient_policy", "missing_policy", "db_dir", "secret", "topology",
+             "dataplane_host")
 _POSITIVE = ("piece_size", "block_size", "credit_bytes", "max_requests_per_peer",
-             "min_requests_per_peer", "max_corrupt_pieces", "timeout", "request_queue_time",
+             "min_requests_per_peer", "max_corrupt_pieces", "timeout", "manifest_timeout",
+             "request_queue_time",
              "request_timeout", "keepalive_interval", "peer_timeout", "tick_interval")
 _NON_NEGATIVE = ("max_upload_slots", "max_retries", "end_game_threshold", "end_game_delay")
 
@@ -242,7 +287,24 @@ def _read_node(cfg: CfgNode) -> dict[str, Any]:
         if net is None or key not in net:
             raise ConfigError(_f(f"network.{key}"), None, "key missing from the bittorrent node")
         out[f"network.{key}"] = _plain(net[key])
+    faults = bt.get("faults")
+    for key in _FAULT_KEYS:
+        if faults is None or key not in faults:
+            raise ConfigError(_f(f"faults.{key}"), None, "key missing from the bittorrent node")
+        out[f"faults.{key}"] = _plain(faults[key])
     return out
+
+
+def _faults_from_values(v: dict[str, Any]) -> Faults:
+    """The ``faults`` sub-block as a validated ``Faults``; a bad value is a
+    ``ConfigError`` naming ``bittorrent.faults.<key>``."""
+    kw = {k: v[f"faults.{k}"] for k in _FAULT_KEYS}
+    if isinstance(kw["crash_clients"], list):
+        kw["crash_clients"] = tuple(kw["crash_clients"])
+    try:
+        return Faults(**kw)
+    except ConfigError as e:
+        raise ConfigError(_f(e.field), e.value, e.reason) from None
 
 
 def _check_single(v: dict[str, Any]) -> None:
@@ -287,6 +349,8 @@ def _check_single(v: dict[str, Any]) -> None:
         raise ConfigError(_f("seed"), v["seed"], "must be -1 (use cfg.seed) or >= 0")
     if v["degree"] < 1:
         raise ConfigError(_f("degree"), v["degree"], "must be >= 1")
+    if not 0 <= v["dataplane_port"] <= 65535:
+        raise ConfigError(_f("dataplane_port"), v["dataplane_port"], "must be in [0, 65535]")
     nb = v["neighbors"]
     if not isinstance(nb, (list, tuple)) or not all(isinstance(r, (list, tuple)) for r in nb):
         raise ConfigError(_f("neighbors"), nb,
@@ -305,6 +369,7 @@ def _check_single(v: dict[str, Any]) -> None:
         if not isinstance(dist, str):
             raise ConfigError(_f(f"network.{q}_dist"), dist,
                               "must be a distribution string like 'uniform(10, 100)'")
+    _faults_from_values(v)
 
 
 def check_bittorrent_cfg(cfg: CfgNode) -> None:
@@ -367,6 +432,7 @@ class BitTorrentSettings:
     piece_size: int = 262144
     block_size: int = 16384
     timeout: float = 60.0
+    manifest_timeout: float = 600.0
     min_completion_ratio: float = 0.5
     insufficient_policy: str = "proceed"
     missing_policy: str = "global"
@@ -386,6 +452,8 @@ class BitTorrentSettings:
     keep_rounds: int = 2
     db_dir: str = ""
     secret: str = ""
+    dataplane_host: str = ""
+    dataplane_port: int = 0
     seed: int = 0
     topology: str = "full"
     degree: int = 4
@@ -399,6 +467,7 @@ class BitTorrentSettings:
     network_latency: float = DEFAULT_LATENCY
     network_latency_per_client: tuple = ()
     network_latency_dist: str = ""
+    faults: Faults = Faults()
     client_num: int = 0
     mode: str = "standalone"
 
@@ -416,6 +485,10 @@ class BitTorrentSettings:
         v = {k: getattr(self, k) for k in _BASIC_KEYS}
         for k in _NETWORK_KEYS:
             v[f"network.{k}"] = getattr(self, f"network_{k}")
+        if not isinstance(self.faults, Faults):
+            raise ConfigError(_f("faults"), self.faults, "must be a Faults")
+        for k in _FAULT_KEYS:
+            v[f"faults.{k}"] = getattr(self.faults, k)
         return v
 
     def _check_cross(self) -> None:
@@ -442,6 +515,11 @@ class BitTorrentSettings:
             else:  # count unknown yet: check the syntax only
                 count = len(spec) if isinstance(spec, (list, tuple)) else 1
             self._spec(q, count)
+        crash = self.faults.crash_clients
+        if n > 0 and any(not 1 <= c <= n for c in crash):
+            raise ConfigError(_f("faults.crash_clients"), list(crash),
+                              f"client ids {[c for c in crash if not 1 <= c <= n]} are "
+                              f"outside 1..{n}")
 
     def _explicit(self) -> list[list[int]]:
         return [list(r) for r in self.neighbors]
@@ -478,6 +556,7 @@ class BitTorrentSettings:
         kwargs.update(seed=seed, db_dir=db_dir)
         for k in _NETWORK_KEYS:
             kwargs[f"network_{k}"] = v[f"network.{k}"]
+        kwargs["faults"] = _faults_from_values(v)
         settings = cls(**kwargs, client_num=_plain(federate.client_num),
                        mode=_plain(federate.mode))
         if settings.enable and _plain(federate.make_global_eval):

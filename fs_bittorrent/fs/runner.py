@@ -14,9 +14,29 @@ and a timestamp-ordered queue for messages to the server) and adds a
 
 A run is deterministic for a seed.  The exchange time each round is
 reported in virtual seconds next to the all-gather lower bound T_LB.
+
+Fault injection (``bittorrent.faults``, decided by ``core/faults.py`` with
+the exchange seed) acts on the peer messages only; FS's control messages
+(manifests, start, reports, round end) are never faulted:
+
+* drop, duplicate, reorder, corrupt (a flipped byte in a piece block),
+  delay (a stall before sending): applied by the ``VirtualNetwork``;
+* disconnect: the message's connection (of its round) is cut, both clients
+  learn it at once, whatever was in flight on it is lost, and the lower id
+  redials after ``reconnect_after`` seconds if the round is still on;
+* crash: in round ``crash_round``, ``crash_at`` seconds after a listed
+  client received ``bt_start``, its exchange dies: its session is dropped
+  without a word to anyone (peers see their connections reset), it sends
+  no report, and its verified pieces stay in the store.  It handles the
+  round's end and the following rounds as a restarted client.
+
+``round_hooks``: callables ``hook(runner, round)`` run after each round's
+``bt_round_end`` was handled by its clients (store flushed and cleaned),
+for measurements such as ``scripts/soak.py``.
 """
 from __future__ import annotations
 
+import copy
 import heapq
 import logging
 import os
@@ -24,13 +44,14 @@ from typing import Any, Callable
 
 from federatedscope.core.fed_runner import StandaloneRunner
 
+from ..core.faults import flip_byte
 from ..core.messages import Message as PeerMessage
-from ..core.messages import message_size
+from ..core.messages import Piece, message_size
 from ..sim.network import VirtualNetwork
 from ..store.sqlite_store import SQLitePieceStore
 from .config import BitTorrentSettings
 from .progress import SwarmProgress
-from .wire import PEER_MESSAGE_TYPES
+from .wire import MSG_ROUND_END, MSG_START, PEER_MESSAGE_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +64,18 @@ class BitTorrentStandaloneRunner(StandaloneRunner):
         self.settings = BitTorrentSettings.from_cfg(self.cfg)
         ids = sorted(self.client)
         self.links = self.settings.links(ids)
-        self.network = VirtualNetwork(self._deliver_peer, seed=self.settings.seed)
+        self.faults = self.settings.faults
+        self.network = VirtualNetwork(self._deliver_peer, seed=self.settings.seed,
+                                      faults=self.faults, corrupt=_corrupt_piece,
+                                      on_disconnect=self._fault_disconnect)
         self._closed: set[tuple[int, int, int]] = set()  # (round, low id, high id)
+        # A connection's generation: what was in flight when a fault cut it
+        # is lost, never delivered on the redialled connection.
+        self._generation: dict[tuple[int, int, int], int] = {}
+        self._fault_closed: set[tuple[int, int, int]] = set()
+        self.crashed: list[tuple[int, int]] = []  # (round, client) crashes injected
+        self.round_hooks: list[Callable[[Any, int], None]] = []
+        self._pending_calls: set[tuple[float, Any]] = set()
         for cid in ids:
             self.network.add_link(cid, self.links[cid])
         os.makedirs(self.settings.db_dir, exist_ok=True)
@@ -60,14 +91,29 @@ class BitTorrentStandaloneRunner(StandaloneRunner):
         return self.network.now
 
     def call_at(self, at: float, fn: Callable[[], None]) -> None:
-        self.network.schedule(at, fn)
+        """Run ``fn`` at virtual time ``at``.  A call equal to one already
+        pending (same time, equal callable, e.g. the server's bound ``poll``
+        re-armed after every event) is scheduled once: on a virtual clock
+        that races ahead of its deadlines, re-armed timers would otherwise
+        pile up (and every early one re-arms again)."""
+        key = (at, fn)
+        if key in self._pending_calls:
+            return
+        self._pending_calls.add(key)
+
+        def fire() -> None:
+            self._pending_calls.discard(key)
+            fn()
+
+        self.network.schedule(at, fire)
 
     # ---- PeerTransport ---------------------------------------------------------------
     def send_peer(self, src: int, dst: int, round_idx: int, msg: PeerMessage) -> None:
         from federatedscope.core.message import Message
         fs_msg = Message(msg_type=PEER_MESSAGE_TYPES[type(msg)], sender=src, receiver=[dst],
                          state=round_idx, content=msg)
-        self.network.send(src, dst, fs_msg, message_size(msg))
+        gen = self._generation.get((round_idx, min(src, dst), max(src, dst)), 0)
+        self.network.send(src, dst, (gen, fs_msg), message_size(msg))
 
     def close_peer(self, src: int, dst: int, round_idx: int) -> None:
         """Close the src-dst connection of one round's swarm.  Connections
@@ -83,10 +129,86 @@ class BitTorrentStandaloneRunner(StandaloneRunner):
 
         self.network.schedule(self.network.now + self.links[src].latency, lost)
 
-    def _deliver_peer(self, src: int, dst: int, fs_msg: Any) -> None:
-        if (fs_msg.state, min(src, dst), max(src, dst)) in self._closed:
+    def _deliver_peer(self, src: int, dst: int, payload: Any) -> None:
+        gen, fs_msg = payload
+        key = (fs_msg.state, min(src, dst), max(src, dst))
+        if key in self._closed or self._generation.get(key, 0) != gen:
             return
         self.client[dst].msg_handlers[fs_msg.msg_type](fs_msg)
+
+    def _forget_round(self, round_idx: int) -> None:
+        """A round ended: its connection records go (its sessions are closed,
+        so whatever of it is still in flight is dropped as stale anyway)."""
+        for book in (self._closed, self._fault_closed, self._generation):
+            for key in [k for k in book if k[0] <= round_idx]:
+                if isinstance(book, dict):
+                    del book[key]
+                else:
+                    book.discard(key)
+
+    # ---- injected faults ---------------------------------------------------------------
+    def _fault_disconnect(self, src: int, dst: int, payload: Any) -> None:
+        """The disconnect fault hit a message on the src-dst connection."""
+        _, fs_msg = payload
+        round_idx = fs_msg.state
+        key = (round_idx, min(src, dst), max(src, dst))
+        if key in self._closed:
+            return
+        self._closed.add(key)
+        self._fault_closed.add(key)
+        self._generation[key] = self._generation.get(key, 0) + 1
+        log.debug("fault: round %s connection %s-%s cut", round_idx, key[1], key[2])
+
+        def lost() -> None:
+            self.client[src].bt.peer_closed(dst, round_idx)
+            self.client[dst].bt.peer_closed(src, round_idx)
+
+        def redial() -> None:
+            if key not in self._fault_closed:
+                return
+            self._fault_closed.discard(key)
+            self._closed.discard(key)
+            lo, hi = key[1], key[2]
+            bt = self.client[lo].bt
+            if bt.round != round_idx or bt.session is None or bt.session.closed:
+                return  # the round is over (or the client crashed): nothing to redial
+            for peer, msg in bt.session.connect(hi, self.network.now):
+                self.send_peer(lo, peer, round_idx, msg)
+
+        self.network.schedule(self.network.now, lost)
+        self.network.schedule(self.network.now + self.faults.reconnect_after, redial)
+
+    def _arm_crashes(self, msg: Any) -> None:
+        """After a ``bt_start``: schedule the crashes configured for its round."""
+        receivers = msg.receiver if isinstance(msg.receiver, list) else [msg.receiver]
+        for cid in self.faults.crashes_in(msg.state):
+            if cid in receivers:
+                self.network.schedule(self.network.now + self.faults.crash_at,
+                                      lambda cid=cid, r=msg.state: self._crash(cid, r))
+
+    def _crash(self, cid: int, round_idx: int) -> None:
+        """Client ``cid``'s exchange dies: no goodbye, no report, no memory."""
+        bt = self.client[cid].bt
+        session = bt.session
+        if bt.round != round_idx or session is None or session.closed:
+            return
+        now = self.network.now
+        log.warning("fault: client %s crashes in round %s, %.3fs into the exchange with "
+                    "%d/%d pieces", cid, round_idx, now - bt.started_at, session.pieces_have,
+                    session.layout.num_pieces)
+        self.crashed.append((round_idx, cid))
+        peers = list(session.peers)
+        session.close(now, "crashed")   # its Close actions are never sent: it is dead
+        for peer in peers:
+            key = (round_idx, min(cid, peer), max(cid, peer))
+            if key in self._closed:
+                continue
+            self._closed.add(key)
+            self._fault_closed.discard(key)
+            # the peer sees the connection reset after one latency
+            self.network.schedule(now + self.links[cid].latency,
+                                  lambda peer=peer: self.client[peer].bt.peer_closed(
+                                      cid, round_idx))
 
     # ---- the loop ----------------------------------------------------------------------
     def _run_simulation(self) -> None:
@@ -103,10 +225,34 @@ class BitTorrentStandaloneRunner(StandaloneRunner):
                     heapq.heappush(to_server, msg)
                 else:
                     self._handle_msg(msg)
+                    if msg.msg_type == MSG_START and self.faults.crash_clients:
+                        self._arm_crashes(msg)
+                    elif msg.msg_type == MSG_ROUND_END:
+                        self._forget_round(msg.state)
+                        for hook in self.round_hooks:
+                            hook(self, msg.state)
             elif to_server:
                 self._handle_msg(heapq.heappop(to_server))
             elif not self.network.step():
                 break
         self._closed.clear()
+        self._fault_closed.clear()
+        self._generation.clear()
+        if self.faults.any or self.crashed:
+            log.info("fault injection: %s; crashes (round, client): %s",
+                     ", ".join(f"{k} {v}" for k, v in self.network.fault_counts.items()),
+                     self.crashed)
         self.progress.close()
         self.store.close()
+
+
+def _corrupt_piece(payload: Any, rng: Any) -> Any:
+    """The corrupt fault on a runner payload: flip one byte of a piece block
+    (a copy: the block is a view of the sender's stored bytes)."""
+    gen, fs_msg = payload
+    msg = fs_msg.content
+    if type(msg) is not Piece or not len(msg.block):
+        return None
+    bad = copy.copy(fs_msg)
+    bad.content = Piece(msg.index, msg.begin, flip_byte(msg.block, rng))
+    return gen, bad
