@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import secrets
+from collections import deque
 from typing import Any, Callable, Optional, Protocol
 
 
@@ -63,6 +64,7 @@ class PeerTransport(Protocol):
 
 
 PROGRESS_INTERVAL = 1.0   # s between a distributed client's progress messages
+ROUND_STATS_KEPT = 100    # rounds of figures the server keeps in memory
 
 
 def _fs_message():
@@ -110,6 +112,7 @@ class ClientManager(BitTorrentManager):
         self.address = ""                         # data plane host:port (distributed)
         self.round = -1
         self.session: Optional[SwarmSession] = None
+        self._generation = 0                      # sessions started (names timers)
         self.layout: Optional[SwarmLayout] = None
         self.started_at = 0.0
         self.reported = False
@@ -214,9 +217,12 @@ class ClientManager(BitTorrentManager):
         for peer in neighbours.get(me, []):
             if peer > me:  # one side opens each connection
                 self._emit(self.session.connect(peer, now))
-        session = self.session
-        self.scheduler.call_at(now + timeout, lambda: self._deadline(session))
-        self.scheduler.call_at(now + self.settings.tick_interval, lambda: self._tick(session))
+        # Timers name the session by generation, not by reference: a timer
+        # pending past its round must not keep that round's session alive.
+        self._generation += 1
+        gen = self._generation
+        self.scheduler.call_at(now + timeout, lambda: self._deadline(gen))
+        self.scheduler.call_at(now + self.settings.tick_interval, lambda: self._tick(gen))
         self._check_done()
 
     def on_peer_message(self, message: Any) -> None:
@@ -263,8 +269,16 @@ class ClientManager(BitTorrentManager):
             else:
                 self.transport.send_peer(self.worker.ID, dst, self.round, msg)
 
-    def _tick(self, session: SwarmSession) -> None:
-        if session is not self.session or session.closed:
+    def _current(self, gen: int) -> Optional[SwarmSession]:
+        """The session a timer of generation ``gen`` is for, if still open."""
+        s = self.session
+        if gen != self._generation or s is None or s.closed:
+            return None
+        return s
+
+    def _tick(self, gen: int) -> None:
+        session = self._current(gen)
+        if session is None:
             return
         self._emit(session.tick(self.now()))
         self._sample()
@@ -272,10 +286,11 @@ class ClientManager(BitTorrentManager):
         if self.distributed:
             self._send_progress()
         self.scheduler.call_at(self.now() + self.settings.tick_interval,
-                               lambda: self._tick(session))
+                               lambda: self._tick(gen))
 
-    def _deadline(self, session: SwarmSession) -> None:
-        if session is not self.session or session.closed or session.complete:
+    def _deadline(self, gen: int) -> None:
+        session = self._current(gen)
+        if session is None or session.complete:
             return
         log.info("client %s: round %s exchange deadline with %d/%d pieces", self.worker.ID,
                  self.round, session.pieces_have, self.layout.num_pieces)
@@ -416,11 +431,14 @@ class ServerManager(BitTorrentManager):
                                             manifest_timeout=settings.manifest_timeout)
         self.secret = settings.secret or secrets.token_hex(16)
         self.links: dict = {}
-        self.round_stats: list[dict] = []
+        # The last rounds' figures in memory (all of them are in the outdir's
+        # bittorrent_rounds.jsonl): bounded, so long runs do not grow.
+        self.round_stats: deque = deque(maxlen=ROUND_STATS_KEPT)
         self._owners: list[int] = []                 # clients asked to train this round
         self._sample_sizes: dict[int, int] = {}
         self._manifest_sizes: dict[int, int] = {}    # owner -> model bytes, this round
         self._addresses: dict[int, str] = {}         # client -> data plane host:port
+        self._armed: set[float] = set()              # coordinator deadlines with a timer
         # The last round's figures wait for the clients' final counts (bt_stats).
         self._pending_stats: Optional[dict] = None
         self._stats_due: set[int] = set()
@@ -554,9 +572,16 @@ class ServerManager(BitTorrentManager):
         self._arm_timer()
 
     def _arm_timer(self) -> None:
+        """One pending timer per coordinator deadline (this runs after every
+        event; arming each time would pile up timers)."""
         at = self.coordinator.next_deadline()
-        if at is not None:
-            self.scheduler.call_at(at, self.poll)
+        if at is not None and at not in self._armed:
+            self._armed.add(at)
+            self.scheduler.call_at(at, lambda: self._fire(at))
+
+    def _fire(self, at: float) -> None:
+        self._armed.discard(at)
+        self.poll()
 
     def _act(self, actions: list) -> None:
         for action in actions:

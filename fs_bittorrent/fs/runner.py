@@ -75,7 +75,6 @@ class BitTorrentStandaloneRunner(StandaloneRunner):
         self._fault_closed: set[tuple[int, int, int]] = set()
         self.crashed: list[tuple[int, int]] = []  # (round, client) crashes injected
         self.round_hooks: list[Callable[[Any, int], None]] = []
-        self._pending_calls: set[tuple[float, Any]] = set()
         for cid in ids:
             self.network.add_link(cid, self.links[cid])
         os.makedirs(self.settings.db_dir, exist_ok=True)
@@ -91,21 +90,8 @@ class BitTorrentStandaloneRunner(StandaloneRunner):
         return self.network.now
 
     def call_at(self, at: float, fn: Callable[[], None]) -> None:
-        """Run ``fn`` at virtual time ``at``.  A call equal to one already
-        pending (same time, equal callable, e.g. the server's bound ``poll``
-        re-armed after every event) is scheduled once: on a virtual clock
-        that races ahead of its deadlines, re-armed timers would otherwise
-        pile up (and every early one re-arms again)."""
-        key = (at, fn)
-        if key in self._pending_calls:
-            return
-        self._pending_calls.add(key)
-
-        def fire() -> None:
-            self._pending_calls.discard(key)
-            fn()
-
-        self.network.schedule(at, fire)
+        """Run ``fn`` at virtual time ``at``."""
+        self.network.schedule(at, fn)
 
     # ---- PeerTransport ---------------------------------------------------------------
     def send_peer(self, src: int, dst: int, round_idx: int, msg: PeerMessage) -> None:
