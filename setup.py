@@ -17,6 +17,8 @@ setup(
     extras_require={
         "test": ["pytest", "hypothesis"],
         "plots": ["matplotlib"],
+        # only scripts/bench_allgather.py's libtorrent comparison needs it
+        "bench": ["libtorrent==2.1.1"],
     },
     entry_points={"console_scripts": ["fs-bittorrent=fs_bittorrent.cli:main"]},
 )
