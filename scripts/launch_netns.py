@@ -44,6 +44,9 @@ def main(argv=None) -> int:
     ap.add_argument("--down", type=float, default=150.0, help="Mbit/s download per host")
     ap.add_argument("--slow-half", type=float, default=None,
                     help="Mbit/s upload of every second client (heterogeneous uplinks)")
+    ap.add_argument("--burst-kbit", type=int, default=None,
+                    help="tbf burst (default: netns_hosts' choice, GUIDE section 4's 32 kbit); "
+                         "600 spares the CPU that tiny buckets cost (see docs/benchmarks.md)")
     ap.add_argument("--out", default="exp/netns")
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("opts", nargs=argparse.REMAINDER)
@@ -58,7 +61,8 @@ def main(argv=None) -> int:
     slow = {i: a.slow_half for i in range(2, n + 1, 2)} if a.slow_half else {}
     up = {i: slow.get(i, a.up) for i in range(1, n + 1)}
     out = Path(a.out)
-    with ShapedHosts(n + 1, up_mbit=a.up, down_mbit=a.down, up_overrides=slow) as hosts:
+    with ShapedHosts(n + 1, up_mbit=a.up, down_mbit=a.down, up_overrides=slow,
+                     burst_kbit=a.burst_kbit) as hosts:
         parts = plan(a.cfg, n, out, a.opts, host_of=lambda role, i: hosts[i].ip,
                      wrap=lambda role, i: hosts[i].wrap([]))
         result = run(parts, timeout=a.timeout)

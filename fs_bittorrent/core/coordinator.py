@@ -52,7 +52,6 @@ class CompletionReport:
     corrupt_pieces: int = 0
     duplicate_blocks: int = 0
     timeline: tuple[tuple[float, float], ...] = ()  # (seconds, completion) samples
-    aggregate_time: float = 0.0    # seconds the client then spent on FedAvg (run's clock)
 
     @property
     def completion(self) -> float:

@@ -324,18 +324,16 @@ class ClientManager(BitTorrentManager):
             self._finish_exchange("complete")
 
     def _finish_exchange(self, reason: str) -> None:
-        if self.aggregated:
+        """Report completion (or the cut) to the server.  Aggregation waits
+        for the round's end: until then this client keeps serving its peers,
+        and FedAvg (seconds of CPU for a real model) would stall its event
+        loop, and with it everyone still fetching from it."""
+        if self.reported:
             return
         s = self.session
-        # The exchange ends with the last piece (or the cut); FedAvg after it
-        # is compute, reported on its own.  (In standalone both are instant
-        # in virtual time; in distributed runs aggregation takes wall time.)
         done_at = s.stats.completed_at if s.complete and s.stats.completed_at is not None \
             else self.now()
         self.timeline.append((done_at - self.started_at, s.completion()))
-        t0 = self.now()       # the run's clock: 0 s of virtual time in standalone
-        self._aggregate()
-        aggregate_time = self.now() - t0
         first = s.stats.first_piece_at
         report = CompletionReport(self.round, s.complete, s.pieces_have, self.layout.num_pieces,
                                   s.stats.bytes_up, s.stats.bytes_down,
@@ -343,8 +341,7 @@ class ClientManager(BitTorrentManager):
                                   first_piece_time=-1.0 if first is None else first - self.started_at,
                                   timeouts=s.stats.timeouts, corrupt_pieces=s.stats.corrupt_pieces,
                                   duplicate_blocks=s.stats.duplicate_blocks,
-                                  timeline=tuple(self.timeline),
-                                  aggregate_time=aggregate_time)
+                                  timeline=tuple(self.timeline))
         self.reported = True
         self._send(self._message(wire.MSG_REPORT, [self.worker.server_id], self.round,
                                  wire.pack_report(report)))
@@ -394,11 +391,16 @@ class ClientManager(BitTorrentManager):
         self.store.finish_session(self.round, self.worker.ID,
                                   "complete" if s.complete else "partial", now=now)
         self.store.flush()
+        t0 = self.now()       # the run's clock: 0 s of virtual time in standalone
+        if not self.aggregated:
+            self._aggregate()
+        aggregate_time = self.now() - t0
         # The final counts, equal to the store's row: the server's per-round
         # metrics then agree with every client's database.
         self._send(self._message(wire.MSG_STATS, [self.worker.server_id], self.round,
                                  wire.pack_stats(self.round, s.stats.bytes_up,
-                                                 s.stats.bytes_down, s.pieces_have)))
+                                                 s.stats.bytes_down, s.pieces_have,
+                                                 aggregate_time)))
         end_round = getattr(self.transport, "end_round", None)
         if end_round is not None:
             end_round()
@@ -524,7 +526,7 @@ class ServerManager(BitTorrentManager):
     def on_stats(self, message: Any) -> None:
         """A client's final counts of a round: complete that round's figures."""
         try:
-            round_idx, up, down, have = wire.unpack_stats(message.content)
+            round_idx, up, down, have, aggregate_time = wire.unpack_stats(message.content)
         except BitTorrentError as exc:
             self.protocol_errors += 1
             log.error("server: bad %s from client %s: %s", wire.MSG_STATS, message.sender, exc)
@@ -537,6 +539,7 @@ class ServerManager(BitTorrentManager):
             return
         c = str(message.sender)
         stats["bytes_up"][c], stats["bytes_down"][c] = up, down
+        stats["aggregate_time"][c] = aggregate_time
         self._stats_due.discard(message.sender)
         if not self._stats_due:
             self.flush_stats()
@@ -662,7 +665,7 @@ class ServerManager(BitTorrentManager):
                                  for c, r in sorted(e.reports.items())},
             "timeline": {str(c): [list(x) for x in r.timeline]
                          for c, r in sorted(e.reports.items())},
-            "aggregate_time": {str(c): r.aggregate_time for c, r in sorted(e.reports.items())},
+            "aggregate_time": {str(c): 0.0 for c in sorted(e.reports)},   # from bt_stats
             "model_bytes": sum(sizes.values()),
             "t_lb": t_lb,
             "eta": (t_lb / exchange_time) if t_lb and exchange_time > 0 else None,

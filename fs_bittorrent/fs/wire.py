@@ -150,8 +150,7 @@ def pack_report(report: CompletionReport) -> dict:
             "first_piece_time": float(report.first_piece_time),
             "timeouts": report.timeouts, "corrupt_pieces": report.corrupt_pieces,
             "duplicate_blocks": report.duplicate_blocks,
-            "timeline": [[float(t), float(c)] for t, c in report.timeline],
-            "aggregate_time": float(report.aggregate_time)}
+            "timeline": [[float(t), float(c)] for t, c in report.timeline]}
 
 
 def _timeline(content: Any) -> tuple[tuple[float, float], ...]:
@@ -177,30 +176,26 @@ def unpack_report(content: Any) -> CompletionReport:
         timeouts=_require(content, "timeouts", int, MSG_REPORT),
         corrupt_pieces=_require(content, "corrupt_pieces", int, MSG_REPORT),
         duplicate_blocks=_require(content, "duplicate_blocks", int, MSG_REPORT),
-        timeline=_timeline(content),
-        aggregate_time=_optional_float(content, "aggregate_time"))
+        timeline=_timeline(content))
 
 
-def _optional_float(content: Any, key: str) -> float:
-    """A float field older senders may omit (0.0 then)."""
-    if isinstance(content, Mapping) and key not in content:
-        return 0.0
-    return _require(content, key, float, MSG_REPORT)
-
-
-def pack_stats(round_idx: int, bytes_up: int, bytes_down: int, pieces_have: int) -> dict:
+def pack_stats(round_idx: int, bytes_up: int, bytes_down: int, pieces_have: int,
+               aggregate_time: float = 0.0) -> dict:
     """A client's final counts of round ``round_idx``, sent at round end:
     they include what it seeded after its completion report, and equal what
-    its store's ``bt_sessions`` row records."""
+    its store's ``bt_sessions`` row records; plus the seconds its FedAvg took."""
     return {"round": round_idx, "bytes_up": float(bytes_up), "bytes_down": float(bytes_down),
-            "pieces_have": pieces_have}
+            "pieces_have": pieces_have, "aggregate_time": float(aggregate_time)}
 
 
-def unpack_stats(content: Any) -> tuple[int, int, int, int]:
+def unpack_stats(content: Any) -> tuple[int, int, int, int, float]:
+    aggregate_time = _require(content, "aggregate_time", float, MSG_STATS)
+    if not aggregate_time >= 0:
+        raise ProtocolError(f"{MSG_STATS}.aggregate_time", aggregate_time, "must be >= 0")
     return (_require(content, "round", int, MSG_STATS),
             _require_count(content, "bytes_up", MSG_STATS),
             _require_count(content, "bytes_down", MSG_STATS),
-            _require(content, "pieces_have", int, MSG_STATS))
+            _require(content, "pieces_have", int, MSG_STATS), aggregate_time)
 
 
 def pack_progress(round_idx: int, pieces_have: int, pieces_total: int) -> dict:
