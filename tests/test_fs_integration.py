@@ -238,3 +238,20 @@ def test_progress_bar_counts_every_piece_of_every_round(tmp_path, monkeypatch):
     for r in range(3):
         assert f"round {r} exchange: 100%" in out and "24/24" in out
     assert SwarmProgress().enabled is False  # quiet under pytest (no terminal)
+
+
+def test_round_headlines_in_fs_result_file(tmp_path):
+    """Where FS users look: a Results_bittorrent line per round in FS's own
+    eval_results.log, equal to the round's figures in bittorrent_rounds.jsonl."""
+    from fs_bittorrent.report import parse_eval_line
+    runner, _ = run_experiment(toy_cfg(tmp_path, clients=4), BT)
+    stats = round_stats(runner)
+    lines = (Path(runner.cfg.outdir) / "eval_results.log").read_text().splitlines()
+    heads = {rec["Round"]: rec["Results_bittorrent"] for rec in map(parse_eval_line, lines)
+             if rec and "Results_bittorrent" in rec}
+    assert sorted(heads) == [s["round"] for s in stats]
+    for s in stats:
+        h = heads[s["round"]]
+        assert h["exchange_time"] == s["exchange_time"] and h["eta"] == s["eta"]
+        assert h["completion_ratio"] == s["completion_ratio"] == 1.0
+        assert h["bytes_total"] == sum(s["bytes_down"].values()) > 0

@@ -671,6 +671,19 @@ class ServerManager(BitTorrentManager):
             "eta": (t_lb / exchange_time) if t_lb and exchange_time > 0 else None,
         }
 
+    def _write_fs_result(self, stats: dict) -> None:
+        """The round's headline in FS's own result file (``eval_results.log``,
+        via FS's monitor), next to its evaluation results: one line with
+        ``Results_bittorrent``, which FS's readers of ``Results_*`` keys skip."""
+        monitor = getattr(self.worker, "_monitor", None)
+        if monitor is None or not getattr(monitor, "outdir", None):
+            return
+        headline = {key: stats[key] for key in ("reason", "clock", "exchange_time",
+                                                "completion_ratio", "t_lb", "eta")}
+        headline["bytes_total"] = sum(stats["bytes_down"].values())
+        monitor.save_formatted_results({"Role": "Server #", "Round": stats["round"],
+                                        "Results_bittorrent": headline})
+
     def _write_stats(self, stats: dict) -> None:
         outdir = getattr(self.worker._cfg, "outdir", None)
         if not outdir:
@@ -678,6 +691,7 @@ class ServerManager(BitTorrentManager):
         os.makedirs(outdir, exist_ok=True)
         with open(os.path.join(outdir, "bittorrent_rounds.jsonl"), "a") as f:
             f.write(json.dumps(stats) + "\n")
+        self._write_fs_result(stats)
         # The same figures per client, one row each, for spreadsheets.
         path = os.path.join(outdir, "bittorrent_rounds.csv")
         new = not os.path.exists(path)
