@@ -147,10 +147,14 @@ def message_size(msg: Message) -> int:
     The simulator charges bandwidth with this, without encoding anything.
     """
     kind = type(msg)
+    size = _FIXED_SIZES.get(kind)
+    if size is not None:
+        return size
     if kind is Piece:
-        return 4 + 1 + 8 + memoryview(msg.block).nbytes
+        block = msg.block
+        return 4 + 1 + 8 + (block.nbytes if type(block) is memoryview else memoryview(block).nbytes)
     if kind is Bitfield:
         return 4 + 1 + len(msg.bits)
     if kind is Handshake:
         return 1 + len(msg.protocol) + 8 + SWARM_ID_LEN + 4 + 4 + AUTH_LEN
-    return _FIXED_SIZES[kind]
+    raise KeyError(kind)

@@ -14,14 +14,13 @@ Two ledgers per peer, kept in step by the protocol itself (no acks needed):
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional
 
 BlockKey = tuple[int, int]
 
 
-@dataclass
+@dataclass(slots=True)
 class PeerCounters:
     """Per-peer event counters (exposed for tests, metrics and bans)."""
 
@@ -37,7 +36,7 @@ class PeerCounters:
     requests_refused: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class PeerState:
     peer_id: int
     num_pieces: int
@@ -53,14 +52,18 @@ class PeerState:
     # what they hold
     has: bytearray = field(init=False)
     has_count: int = 0
+    # pieces it holds that we lack (kept by the session): tells when we lose
+    # interest without scanning every missing piece
+    wanted: int = 0
     # flow control
     their_credit: int = 0            # what they told us they accept in flight
-    inflight: "OrderedDict[BlockKey, float]" = field(default_factory=OrderedDict)  # our requests, sent_at
+    # our requests -> sent_at, oldest first (dicts keep insertion order)
+    inflight: dict[BlockKey, float] = field(default_factory=dict)
     inflight_bytes: int = 0
     reserved: dict[int, int] = field(default_factory=dict)  # piece -> bytes reserved
     reserved_total: int = 0
     duplicates: set[BlockKey] = field(default_factory=set)   # end-game copies asked here
-    served: "OrderedDict[BlockKey, tuple[float, int]]" = field(default_factory=OrderedDict)
+    served: dict[BlockKey, tuple[float, int]] = field(default_factory=dict)  # oldest first
     served_by_piece: dict[int, set[int]] = field(default_factory=dict)
     served_bytes: int = 0
     # liveness
@@ -113,16 +116,23 @@ class PeerState:
         building, leave slow start for good and follow the measured rate
         times (path RTT + ``queue_time``).
         """
-        if rtt > 0 and (self.min_rtt == 0.0 or rtt < self.min_rtt):
-            self.min_rtt = rtt
-        # HyStart's delay threshold: leave slow start once the RTT rises by
-        # min_rtt/8, clamped to [4 ms, 16 ms], before a deep queue builds.
-        if self.slow_start and rtt <= self.min_rtt + min(max(self.min_rtt / 8, 0.004), 0.016):
-            self.window = min(hi, self.window + 1.0)
-            return
-        self.slow_start = False  # a queue is building: leave slow start for good
+        min_rtt = self.min_rtt
+        if rtt > 0 and (min_rtt == 0.0 or rtt < min_rtt):
+            self.min_rtt = min_rtt = rtt
+        if self.slow_start:
+            # HyStart's delay threshold: leave slow start once the RTT rises by
+            # min_rtt/8, clamped to [4 ms, 16 ms], before a deep queue builds.
+            slack = min_rtt / 8
+            slack = 0.004 if slack < 0.004 else 0.016 if slack > 0.016 else slack
+            if rtt <= min_rtt + slack:
+                window = self.window + 1.0
+                self.window = window if window < hi else hi
+                return
+            self.slow_start = False  # a queue is building: leave slow start for good
         if self.rate_in > 0:
-            self.window = max(lo, min(hi, self.rate_in * (self.min_rtt + queue_time) / block_size))
+            window = self.rate_in * (min_rtt + queue_time) / block_size
+            window = window if window < hi else hi
+            self.window = window if window > lo else lo
 
     def on_timeout(self, lo: int) -> None:
         """Loss-like signal: halve the window, leave slow start."""
@@ -133,19 +143,21 @@ class PeerState:
         """Requests to keep in flight now."""
         if self.window == 0.0:
             self.window = float(lo)
-        return max(lo, min(hi, int(self.window)))
+        depth = int(self.window)
+        return lo if depth < lo else hi if depth > hi else depth
 
     # ---- receive-side ledger ----------------------------------------------
     def add_request(self, index: int, begin: int, length: int, now: float) -> None:
         self.inflight[(index, begin)] = now
         self.inflight_bytes += length
 
-    def request_done(self, index: int, begin: int, length: int) -> bool:
-        """The block arrived or was cancelled: no longer in flight."""
-        if self.inflight.pop((index, begin), None) is None:
-            return False
-        self.inflight_bytes -= length
-        return True
+    def request_done(self, index: int, begin: int, length: int) -> Optional[float]:
+        """The block arrived or was cancelled: no longer in flight.  Returns
+        when it was requested, or None if it was not in flight."""
+        sent_at = self.inflight.pop((index, begin), None)
+        if sent_at is not None:
+            self.inflight_bytes -= length
+        return sent_at
 
     def reserve(self, index: int, nbytes: int) -> None:
         self.reserved[index] = self.reserved.get(index, 0) + nbytes
@@ -171,7 +183,11 @@ class PeerState:
         if key in self.served:
             return False  # idempotent: a repeated request is not counted twice
         self.served[key] = (now, length)
-        self.served_by_piece.setdefault(index, set()).add(begin)
+        begins = self.served_by_piece.get(index)
+        if begins is None:
+            self.served_by_piece[index] = {begin}
+        else:
+            begins.add(begin)
         self.served_bytes += length
         return True
 
@@ -187,8 +203,14 @@ class PeerState:
                 del self.served_by_piece[index]
 
     def clear_served_piece(self, index: int) -> None:
-        for begin in list(self.served_by_piece.get(index, ())):
-            self.clear_served(index, begin)
+        begins = self.served_by_piece.pop(index, None)
+        if begins is None:
+            return
+        served = self.served
+        for begin in begins:
+            rec = served.pop((index, begin), None)
+            if rec is not None:
+                self.served_bytes -= rec[1]
 
     def expire_served(self, older_than: float) -> int:
         n = 0

@@ -28,38 +28,65 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
 from .layout import SwarmLayout
+from .storage import Bytes
 
 BlockKey = tuple[int, int]  # (piece index, begin)
 
 
-@dataclass
+def _kept(block: Bytes) -> Bytes:
+    """``block`` itself if nothing can change its bytes (``bytes``, or a view
+    of ``bytes``), else a copy: a host may reuse its receive buffer as soon
+    as the session returns.  In a simulator every block is a view of a
+    stored piece, so a partial piece holds no payload of its own."""
+    if type(block) is bytes or type(block) is memoryview and type(block.obj) is bytes:
+        return block
+    return bytes(block)
+
+
+@dataclass(slots=True)
 class PartialPiece:
-    """A piece being assembled in memory.  Never stored before its hash matches."""
+    """A piece being assembled in memory.  Never stored before its hash matches.
+
+    Blocks are kept as they arrived (see ``_kept``) and joined once, when the
+    piece is complete: no piece-sized buffer is allocated and zeroed up front.
+    """
 
     index: int
     length: int
     block_size: int
     peer: Optional[int] = None                 # the peer it is assigned to
-    buffer: bytearray = field(init=False)
+    blocks: list[Optional[Bytes]] = field(init=False)  # received blocks, by number
     received: list[bool] = field(init=False)
     received_count: int = 0
     contributors: dict[int, int] = field(default_factory=dict)  # peer -> blocks given
     open_blocks: set[int] = field(init=False)  # neither received nor outstanding
     block_from: list[int] = field(init=False)  # which peer gave each block
+    num_blocks: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.buffer = bytearray(self.length)
+        self.num_blocks = (self.length + self.block_size - 1) // self.block_size
+        self.blocks = [None] * self.num_blocks
         self.received = [False] * self.num_blocks
         self.block_from = [-1] * self.num_blocks
         self.open_blocks = set(range(self.num_blocks))
 
     @property
-    def num_blocks(self) -> int:
-        return (self.length + self.block_size - 1) // self.block_size
-
-    @property
     def complete(self) -> bool:
         return self.received_count == self.num_blocks
+
+    @property
+    def buffer(self) -> bytearray:
+        """The bytes received so far, zeros where blocks are missing (a copy)."""
+        out = bytearray(self.length)
+        for b, block in enumerate(self.blocks):
+            if block is not None:
+                lo = b * self.block_size
+                out[lo:lo + len(block)] = block
+        return out
+
+    def data(self) -> bytes:
+        """The complete piece as one ``bytes`` (its only copy of the payload)."""
+        return b"".join(self.blocks)
 
     def block_length(self, block: int) -> int:
         return min(self.block_size, self.length - block * self.block_size)
@@ -72,7 +99,7 @@ class PartialPiece:
         return self.length
 
 
-@dataclass
+@dataclass(slots=True)
 class Picks:
     """What ``pick`` chose: blocks to request, pieces newly assigned to the
     peer (reserve their full length), and end-game duplicates (reserve per
@@ -165,30 +192,40 @@ class PiecePicker:
         room = max_blocks
         if room <= 0:
             return picks
-        mine = self.assigned.setdefault(peer, set())
+        mine = self.assigned.get(peer)
+        if mine is None:
+            mine = self.assigned[peer] = set()
         # 1. the peer's own partial pieces
-        for index in (sorted(mine) if len(mine) > 1 else mine):
-            room -= self._take(self.partials[index], peer, room, now, picks)
-            if room <= 0:
-                return picks
+        if mine:
+            partials = self.partials
+            for index in (sorted(mine) if len(mine) > 1 else mine):
+                pp = partials[index]
+                if pp.open_blocks:
+                    room -= self._take(pp, peer, room, now, picks)
+                    if room <= 0:
+                        return picks
         # 2. orphaned partial pieces (their peer left or stopped answering)
-        for index in sorted(self.unassigned, key=lambda i: (self.availability[i], i)):
-            pp = self.partials[index]
-            if not peer_has[index] or self._avoided(index, peer) or pp.length > reserve_free:
-                continue
-            self.unassigned.discard(index)
-            reserve_free -= pp.length
-            self._assign(pp, peer, mine, picks)
-            room -= self._take(pp, peer, room, now, picks)
-            if room <= 0:
-                return picks
-        # 3. new pieces, rarest first
+        if self.unassigned:
+            for index in sorted(self.unassigned, key=lambda i: (self.availability[i], i)):
+                pp = self.partials[index]
+                if not peer_has[index] or self._avoided(index, peer) or pp.length > reserve_free:
+                    continue
+                self.unassigned.discard(index)
+                reserve_free -= pp.length
+                self._assign(pp, peer, mine, picks)
+                room -= self._take(pp, peer, room, now, picks)
+                if room <= 0:
+                    return picks
+        # 3. new pieces, rarest first: (availability, tiebreak) folded into
+        # one int key (tiebreak ranks are < the piece count), cheaper to compare
+        n = len(self.tiebreak)
+        availability, tiebreak, avoid = self.availability, self.tiebreak, self.avoid
         while room > 0:
             best: Optional[int] = None
-            best_key = None
+            best_key: Optional[int] = None
             for i in self.unstarted:
-                if peer_has[i] and not self._avoided(i, peer):
-                    key = (self.availability[i], self.tiebreak[i])
+                if peer_has[i] and not (avoid and self._avoided(i, peer)):
+                    key = availability[i] * n + tiebreak[i]
                     if best_key is None or key < best_key:
                         best, best_key = i, key
             if best is None or self.layout.piece_length(best) > reserve_free:
@@ -224,11 +261,14 @@ class PiecePicker:
         if not opened:
             return 0
         chosen = [min(opened)] if room == 1 else sorted(opened)[:room]
+        index, plen, bs = pp.index, pp.length, self.block_size
+        blocks, outstanding, requested_at = picks.blocks, self.outstanding, self.requested_at
         for b in chosen:
-            begin = b * self.block_size
-            picks.blocks.append((pp.index, begin, pp.block_length(b)))
-            self.outstanding[(pp.index, begin)] = {peer}
-            self.requested_at[(pp.index, begin)] = now
+            begin = b * bs
+            blocks.append((index, begin, bs if plen - begin > bs else plen - begin))
+            key = (index, begin)
+            outstanding[key] = {peer}
+            requested_at[key] = now
             opened.discard(b)
         return len(chosen)
 
@@ -237,16 +277,6 @@ class PiecePicker:
         pp.peer = peer
         mine.add(pp.index)
         picks.assigned.append(pp.index)
-
-    def wants_any(self, peer_has: Sequence[bool]) -> bool:
-        """Does this peer hold anything we still miss?"""
-        for i in self.unstarted:
-            if peer_has[i]:
-                return True
-        for i in self.partials:
-            if peer_has[i]:
-                return True
-        return False
 
     # ---- transfer outcomes ---------------------------------------------------
     def request_dropped(self, index: int, begin: int, peer: int) -> None:
@@ -306,23 +336,28 @@ class PiecePicker:
         return pieces
 
     def block_received(self, index: int, begin: int, data, peer: int) -> Optional[set[int]]:
-        """Copy a requested block in.  Returns the other peers it was also
+        """Take a requested block in.  Returns the other peers it was also
         requested from (to cancel), or None if the block was already there."""
         pp = self.partials.get(index)
         if pp is None:
             return None
         b = begin // self.block_size
-        if pp.received[b]:
+        received = pp.received
+        if received[b]:
             return None
-        pp.buffer[begin:begin + len(data)] = data
-        pp.received[b] = True
+        pp.blocks[b] = _kept(data)
+        received[b] = True
         pp.block_from[b] = peer
         pp.open_blocks.discard(b)
         pp.received_count += 1
-        pp.contributors[peer] = pp.contributors.get(peer, 0) + 1
+        contributors = pp.contributors
+        contributors[peer] = contributors.get(peer, 0) + 1
         self.missing_blocks -= 1
-        others = self.outstanding.pop((index, begin), set())
-        self.requested_at.pop((index, begin), None)
+        key = (index, begin)
+        others = self.outstanding.pop(key, None)
+        self.requested_at.pop(key, None)
+        if others is None:
+            return set()
         others.discard(peer)
         return others
 

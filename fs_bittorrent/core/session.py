@@ -24,7 +24,7 @@ import hmac
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 from ..errors import (BadBlockRange, BlockTooLarge, ConfigError, CreditExceeded,
                       HandshakeRefused,
@@ -37,9 +37,17 @@ from .messages import (PROTOCOL_NAME, Bitfield, Cancel, Choke, Credit, Handshake
                        Unchoke)
 from .peer import PeerState
 from .picker import PiecePicker
-from .storage import PieceStorage
+from .storage import Bytes, PieceStorage
 
 log = logging.getLogger(__name__)
+
+#: ``check(digest, data)``: does a completed piece match its manifest digest?
+PieceCheck = Callable[[bytes, Bytes], bool]
+
+
+def sha256_matches(digest: bytes, data: Bytes) -> bool:
+    """The default piece check: hash the bytes."""
+    return hashlib.sha256(data).digest() == digest
 
 
 @dataclass(frozen=True)
@@ -53,7 +61,7 @@ Action = Union[Message, Close]
 Outgoing = tuple[int, Action]
 
 
-@dataclass
+@dataclass(slots=True)
 class SessionStats:
     pieces_received: int = 0
     bytes_down: int = 0          # block payload received (incl. wasted)
@@ -76,12 +84,18 @@ class SwarmSession:
     ``storage`` must already hold the peer's own pieces (the host puts them
     there when it builds the manifest); pieces held from an earlier run of
     the same round (a restart) are picked up too.
+
+    ``check`` verifies each completed piece against its digest.  Any
+    replacement must give exactly SHA-256's verdict; it exists so that a
+    host holding verified copies (the simulator runs every peer in one
+    process) can compare bytes instead of hashing one piece once per peer.
     """
 
     def __init__(self, peer_id: int, layout: SwarmLayout, storage: PieceStorage,
                  config: SwarmConfig = SwarmConfig(), secret: bytes = b"",
-                 now: float = 0.0) -> None:
+                 now: float = 0.0, check: PieceCheck = sha256_matches) -> None:
         self.peer_id = peer_id
+        self.check = check
         self.layout = layout
         self.storage = storage
         self.config = config
@@ -112,13 +126,19 @@ class SwarmSession:
         self.closed = False
         self.close_reason = ""
         self.banned: set[int] = set()
-        self._cache: "OrderedDict[int, bytes]" = OrderedDict()
+        self._cache: "OrderedDict[int, memoryview]" = OrderedDict()
         self._cache_size = 8
         self._last_unchoke_rotation = now
         # piece -> [(peer, offset, length, sha256 of the block it gave)] after a
         # multi-peer hash failure; settled when the piece verifies.
         self._suspects: dict[int, list[tuple[int, int, int, bytes]]] = {}
         self.corrupt_by_peer: dict[int, int] = {}
+        # Read on every request and block: looked up once here, not through
+        # the layout and the (frozen) config per message.
+        self._num_pieces = n
+        self._lengths = [layout.piece_length(i) for i in range(n)]
+        self._block_size = config.block_size
+        self._max_block = config.max_block_size
         self._build_dispatch()
         if self.complete:
             self.stats.completed_at = now
@@ -291,21 +311,25 @@ class SwarmSession:
         }
 
     def _check_index(self, msg) -> None:
-        self.layout.check_index(msg.index)
+        if not 0 <= msg.index < self._num_pieces:
+            self.layout.check_index(msg.index)  # raises
 
     def _check_request(self, msg) -> None:
-        self.layout.check_index(msg.index)
-        if msg.length <= 0 or msg.length > self.config.max_block_size:
-            raise BlockTooLarge("length", msg.length,
-                                f"limit is {self.config.max_block_size} bytes")
-        self._check_block(msg.index, msg.begin, msg.length)
+        index, length = msg.index, msg.length
+        if not 0 <= index < self._num_pieces:
+            self.layout.check_index(index)  # raises
+        if length <= 0 or length > self._max_block:
+            raise BlockTooLarge("length", length, f"limit is {self._max_block} bytes")
+        self._check_block(index, msg.begin, length)
 
     def _check_piece(self, msg: Piece) -> None:
-        self.layout.check_index(msg.index)
+        index = msg.index
+        if not 0 <= index < self._num_pieces:
+            self.layout.check_index(index)  # raises
         n = len(msg.block)
-        if n > self.config.max_block_size:
-            raise BlockTooLarge("block", n, f"limit is {self.config.max_block_size} bytes")
-        self._check_block(msg.index, msg.begin, n)
+        if n > self._max_block:
+            raise BlockTooLarge("block", n, f"limit is {self._max_block} bytes")
+        self._check_block(index, msg.begin, n)
 
     def _check_bitfield(self, msg: Bitfield) -> None:
         decode_bits(msg.bits, self.layout.num_pieces)
@@ -316,9 +340,10 @@ class SwarmSession:
                                  f"must allow one block of {self.config.block_size} bytes")
 
     def _check_block(self, index: int, begin: int, length: int) -> None:
-        plen = self.layout.piece_length(index)
-        bs = self.config.block_size
-        if begin < 0 or begin % bs or begin >= plen or length != min(bs, plen - begin):
+        plen = self._lengths[index]
+        bs = self._block_size
+        rest = plen - begin
+        if begin < 0 or begin % bs or rest <= 0 or length != (bs if rest > bs else rest):
             raise BadBlockRange("begin", (index, begin, length),
                                 f"piece {index} has {plen} bytes in blocks of {bs}")
 
@@ -372,12 +397,14 @@ class SwarmSession:
             p.clear_served_piece(i)  # their have settles what we served them
         if not p.set_has(i):
             return []
-        self.picker.availability[i] += 1
-        if self.picker.have[i]:
+        picker = self.picker
+        picker.availability[i] += 1
+        if picker.have[i]:
             return []
-        out: list[Outgoing] = []
-        if not p.am_interested:
-            out.extend(self._set_interest(p, True, now))
+        p.wanted += 1
+        if p.am_interested:
+            return self._fill(p, now)
+        out = self._set_interest(p, True, now)
         out.extend(self._fill(p, now))
         return out
 
@@ -388,7 +415,9 @@ class SwarmSession:
             # Their have settles what we served them for the piece.
             p.clear_served_piece(i)
         out: list[Outgoing] = []
-        wanted = any(not self.have[i] for i in news)
+        have = self.picker.have
+        wanted = sum(1 for i in news if not have[i])
+        p.wanted += wanted
         if wanted and not p.am_interested:
             out.extend(self._set_interest(p, True, now))
         if wanted:  # only news we lack can give this peer new work
@@ -428,114 +457,128 @@ class SwarmSession:
 
     def _on_request(self, p: PeerState, msg: Request, now: float) -> list[Outgoing]:
         index, begin, length = msg.index, msg.begin, msg.length
-        if p.am_choking:
+        if p.am_choking or not self.picker.have[index]:
             p.counters.requests_refused += 1
             return []
-        if not self.have[index]:
-            p.counters.requests_refused += 1
-            return []
-        key = (index, begin)
-        if key not in p.served and p.served_bytes + length > p.their_credit:
+        if p.served_bytes + length > p.their_credit and (index, begin) not in p.served:
             # Serving this would exceed what the peer said it can hold.
             p.counters.credit_violations += 1
             self.stats.credit_violations += 1
-            log.debug("peer %s: request %s past its credit %s", p.peer_id, key, p.their_credit)
+            log.debug("peer %s: request %s past its credit %s", p.peer_id, (index, begin),
+                      p.their_credit)
             return []
-        data = self._piece_bytes(index)
+        view = self._piece_view(index)
         p.add_served(index, begin, length, now)
-        p.counters.blocks_out += 1
-        p.counters.bytes_out += length
+        counters = p.counters
+        counters.blocks_out += 1
+        counters.bytes_out += length
         self.stats.bytes_up += length
-        return [self._send(p, Piece(index, begin, memoryview(data)[begin:begin + length]), now)]
+        p.last_sent = now
+        return [(p.peer_id, Piece(index, begin, view[begin:begin + length]))]
 
-    def _piece_bytes(self, index: int) -> bytes:
-        data = self._cache.get(index)
-        if data is not None:
-            self._cache.move_to_end(index)
-            return data
+    def _piece_view(self, index: int) -> memoryview:
+        """A held piece's bytes, from a small LRU cache of views: a piece is
+        served block by block, so each block is a zero-copy slice of one view."""
+        cache = self._cache
+        view = cache.get(index)
+        if view is not None:
+            cache.move_to_end(index)
+            return view
         owner, local = self.layout.to_local(index)
         data = self.storage.get(owner, local)
         if data is None:
             raise ConfigError("storage", (owner, local), "piece marked held but storage lost it")
-        self._cache[index] = data
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return data
+        view = cache[index] = memoryview(data)
+        if len(cache) > self._cache_size:
+            cache.popitem(last=False)
+        return view
 
     def _on_piece(self, p: PeerState, msg: Piece, now: float) -> list[Outgoing]:
-        index, begin = msg.index, msg.begin
-        length = len(msg.block)
-        p.counters.bytes_in += length
-        self.stats.bytes_down += length
-        sent_at = p.inflight.get((index, begin))
-        if not p.request_done(index, begin, length):
+        index, begin, block = msg.index, msg.begin, msg.block
+        length = len(block)
+        counters, stats, picker = p.counters, self.stats, self.picker
+        counters.bytes_in += length
+        stats.bytes_down += length
+        sent_at = p.request_done(index, begin, length)
+        if sent_at is None:
             # Never asked (or already cancelled): refuse it, whatever it holds.
-            if self.have[index] or index in self.picker.partials and \
-                    self.picker.partials[index].received[begin // self.config.block_size]:
-                p.counters.duplicate_blocks += 1
-                self.stats.duplicate_blocks += 1
+            if picker.have[index] or index in picker.partials and \
+                    picker.partials[index].received[begin // self._block_size]:
+                counters.duplicate_blocks += 1
+                stats.duplicate_blocks += 1
             else:
-                p.counters.unrequested_blocks += 1
-                self.stats.unrequested_blocks += 1
+                counters.unrequested_blocks += 1
+                stats.unrequested_blocks += 1
             return []
-        p.counters.blocks_in += 1
+        counters.blocks_in += 1
         p.timeout_streak = 0
         p.note_received(length, now)
         cfg = self.config
         p.on_block(now - sent_at, cfg.block_size, cfg.request_queue_time,
                    cfg.min_requests_per_peer, cfg.max_requests_per_peer)
-        others = self.picker.block_received(index, begin, msg.block, p.peer_id)
+        pp = picker.partials.get(index)
+        others = picker.block_received(index, begin, block, p.peer_id)
         out: list[Outgoing] = []
-        if (index, begin) in p.duplicates:
+        if p.duplicates:
             # A winning end-game copy keeps its bytes reserved until the piece
             # settles: the sender counts them until our have.
             p.duplicates.discard((index, begin))
         if others is None:
-            p.counters.duplicate_blocks += 1
-            self.stats.duplicate_blocks += 1
+            counters.duplicate_blocks += 1
+            stats.duplicate_blocks += 1
         else:
             for other in others:  # end game: the losers are cancelled
                 q = self.peers.get(other)
-                if q is not None and q.request_done(index, begin, length):
+                if q is not None and q.request_done(index, begin, length) is not None:
                     if (index, begin) in q.duplicates:
                         q.duplicates.discard((index, begin))
                         q.release(index, length)
                     self.stats.cancels_sent += 1
                     out.append(self._send(q, Cancel(index, begin, length), now))
-            pp = self.picker.partials.get(index)
-            if pp is not None and pp.complete:
+            if pp.complete:
                 out.extend(self._piece_complete(index, now))
         if self.peers.get(p.peer_id) is p:  # not banned on the way
             out.extend(self._fill(p, now))
         return out
 
     def _piece_complete(self, index: int, now: float) -> list[Outgoing]:
-        pp = self.picker.partials[index]
-        out: list[Outgoing] = []
-        if hashlib.sha256(pp.buffer).digest() != self.layout.piece_hash(index):
+        picker = self.picker
+        pp = picker.partials[index]
+        digest = self.layout.piece_hash(index)
+        data = pp.data()
+        if not self.check(digest, data):
             return self._piece_failed(index, now)
         owner, local = self.layout.to_local(index)
-        self.storage.put(owner, local, self.layout.piece_hash(index), pp.buffer)
-        self.picker.piece_verified(index)
-        out.extend(self._settle_suspects(index, pp.buffer, now))
-        self.stats.pieces_received += 1
-        if self.stats.first_piece_at is None:
-            self.stats.first_piece_at = now
-        if self.complete and self.stats.completed_at is None:
-            self.stats.completed_at = now
+        self.storage.put(owner, local, digest, data)
+        picker.piece_verified(index)
+        out = self._settle_suspects(index, data, now) if index in self._suspects else []
+        stats = self.stats
+        stats.pieces_received += 1
+        if stats.first_piece_at is None:
+            stats.first_piece_at = now
+        if picker.pieces_missing == 0 and stats.completed_at is None:
+            stats.completed_at = now
         givers = pp.contributors
         have = Have(index)  # immutable: one object serves every peer
-        for q in list(self.peers.values()):
-            q.release_piece(index)
+        send = out.append
+        for q in self.peers.values():  # (nothing below adds or drops a peer)
+            if index in q.reserved or q.duplicates:
+                q.release_piece(index)
             if not q.handshaken:
                 continue
-            # Have suppression: a peer that holds the piece gains nothing from
-            # our have, unless it served us (the have clears its ledger).
-            if not q.has[index] or q.peer_id in givers:
-                out.append(self._send(q, have, now))
-            # Only a peer holding this piece can have just lost our interest.
-            if q.has[index] and q.am_interested and not self.picker.wants_any(q.has):
-                out.extend(self._set_interest(q, False, now))
+            if q.has[index]:
+                q.wanted -= 1
+                # Have suppression: a peer that holds the piece gains nothing
+                # from our have, unless it served us (the have clears its ledger).
+                if q.peer_id in givers:
+                    q.last_sent = now
+                    send((q.peer_id, have))
+                # Only a peer holding this piece can have just lost our interest.
+                if q.am_interested and not q.wanted:
+                    out.extend(self._set_interest(q, False, now))
+            else:
+                q.last_sent = now
+                send((q.peer_id, have))
         for pid in pp.contributors:
             q = self.peers.get(pid)
             if q is not None:
@@ -572,13 +615,12 @@ class SwarmSession:
         else:
             # Only the latest failure is kept: bounded, and enough to settle.
             suspects = self._suspects[index] = []
-            for b in range(pp.num_blocks):
-                lo = b * pp.block_size
-                digest = hashlib.sha256(pp.buffer[lo:lo + pp.block_length(b)]).digest()
-                suspects.append((pp.block_from[b], lo, pp.block_length(b), digest))
+            for b, block in enumerate(pp.blocks):
+                digest = hashlib.sha256(block).digest()
+                suspects.append((pp.block_from[b], b * pp.block_size, pp.block_length(b), digest))
         return out
 
-    def _settle_suspects(self, index: int, good: bytearray, now: float) -> list[Outgoing]:
+    def _settle_suspects(self, index: int, good: bytes, now: float) -> list[Outgoing]:
         out: list[Outgoing] = []
         liars = {pid for pid, lo, n, digest in self._suspects.pop(index, ())
                  if hashlib.sha256(good[lo:lo + n]).digest() != digest}
@@ -614,23 +656,28 @@ class SwarmSession:
         if self.closed or not p.handshaken or p.peer_choking or not p.am_interested:
             return []
         cfg = self.config
-        room = p.pipeline_depth(cfg.min_requests_per_peer, cfg.max_requests_per_peer) \
-            - len(p.inflight)
+        inflight = len(p.inflight)
+        room = p.pipeline_depth(cfg.min_requests_per_peer, cfg.max_requests_per_peer) - inflight
         if room <= 0:
             return []  # the common case on a busy link: nothing to pick
-        picks = self.picker.pick(p.peer_id, p.has, room,
-                                 cfg.credit_bytes - p.reserved_total,
-                                 end_game_ok=len(p.inflight) <= 1, now=now,
-                                 end_game_delay=cfg.end_game_delay)
+        pid = p.peer_id
+        picks = self.picker.pick(pid, p.has, room, cfg.credit_bytes - p.reserved_total,
+                                 inflight <= 1, now, cfg.end_game_delay)
+        blocks, duplicates = picks.blocks, picks.duplicates
+        lengths = self._lengths
         for index in picks.assigned:
-            p.reserve(index, self.layout.piece_length(index))
-        for index, begin, length in picks.duplicates:
-            p.reserve(index, length)
-            p.duplicates.add((index, begin))
-        out = []
-        for index, begin, length in picks:
+            p.reserve(index, lengths[index])
+        if duplicates:
+            for index, begin, length in duplicates:
+                p.reserve(index, length)
+                p.duplicates.add((index, begin))
+            blocks = blocks + duplicates
+        out: list[Outgoing] = []
+        for index, begin, length in blocks:
             p.add_request(index, begin, length, now)
-            out.append(self._send(p, Request(index, begin, length), now))
+            out.append((pid, Request(index, begin, length)))
+        if out:
+            p.last_sent = now
         return out
 
     # ---- time -------------------------------------------------------------------

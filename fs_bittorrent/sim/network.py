@@ -15,10 +15,12 @@ real binary codec on the way.
 """
 from __future__ import annotations
 
+import gc
 import heapq
 import logging
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -39,7 +41,7 @@ class LinkProfile:
     latency: float = 0.005
 
 
-@dataclass
+@dataclass(slots=True)
 class Link:
     """One peer's access link and what has crossed it."""
 
@@ -51,6 +53,13 @@ class Link:
     # destination -> delivery time of the last small message sent to it
     # (small messages keep their order per connection)
     last_small: dict[int, float] = field(default_factory=dict)
+    # Bulk messages waiting to reach the far end of the uplink / to leave the
+    # downlink, as (time, seq, (src, dst, payload, size)).  Each link is a
+    # FIFO, so times only grow along a queue and only its head needs to be
+    # in the event heap: the heap stays about as small as the number of
+    # links instead of holding every block in flight.
+    up_queue: deque = field(default_factory=deque)
+    down_queue: deque = field(default_factory=deque)
 
 
 @dataclass
@@ -71,7 +80,10 @@ class SimResult:
         return self.events / self.wall_time if self.wall_time > 0 else float("inf")
 
 
-_DELIVER, _ARRIVE, _ACTION, _BATCH = 0, 1, 2, 3
+# Event kinds.  _UPLINK / _DOWNLINK: the head of that link's bulk queue is
+# due (the payload is the link's peer id); _ARRIVE: a reordered bulk message,
+# queued on its own because it left its uplink's order.
+_DELIVER, _ARRIVE, _ACTION, _BATCH, _UPLINK, _DOWNLINK = range(6)
 
 
 class VirtualNetwork:
@@ -153,7 +165,8 @@ class VirtualNetwork:
 
     def send(self, src: int, dst: int, payload: object, size: int,
              faulty: bool = True) -> None:
-        if (src, dst) in self._closed_pairs or dst not in self.links:
+        closed = self._closed_pairs
+        if closed and (src, dst) in closed or dst not in self.links:
             return
         f = self.faults
         copies = 1
@@ -190,17 +203,27 @@ class VirtualNetwork:
             s.wire_up += size
             self.in_flight += 1
             self._seq += 1
+            seq = self._seq
             if size <= self.small_message:
-                self._send_small(src, dst, payload, size, s)
+                self._send_small(src, dst, payload, size, s, seq)
                 continue
             s.up_free = max(self.now, s.up_free) + size / s.profile.up
             arrive = s.up_free + s.profile.latency
             if f.reorder and self.rng.random() < f.reorder:
                 self.fault_counts["reordered"] += 1
                 arrive += self.rng.random() * f.reorder_delay
-            heapq.heappush(self._queue, (arrive, self._seq, _ARRIVE, (src, dst, payload, size)))
+                heapq.heappush(self._queue, (arrive, seq, _ARRIVE, (src, dst, payload, size)))
+                continue
+            # Into the uplink's FIFO; an empty queue's new head goes into the
+            # heap under its own (time, seq), so events run in exactly the
+            # order they would if every entry were in the heap.
+            up = s.up_queue
+            if not up:
+                heapq.heappush(self._queue, (arrive, seq, _UPLINK, src))
+            up.append((arrive, seq, (src, dst, payload, size)))
 
-    def _send_small(self, src: int, dst: int, payload: object, size: int, s: Link) -> None:
+    def _send_small(self, src: int, dst: int, payload: object, size: int, s: Link,
+                    seq: int) -> None:
         """Control messages interleave with bulk data at packet level on real
         links, so they do not wait behind queued blocks; their bytes still
         use link capacity, and per connection they keep their order."""
@@ -221,9 +244,8 @@ class VirtualNetwork:
             s.last_small[dst] = at
         d.wire_down += size
         if not self.coalesce:
-            heapq.heappush(self._queue, (at, self._seq, _DELIVER, (src, dst, payload, 0)))
+            heapq.heappush(self._queue, (at, seq, _DELIVER, (src, dst, payload, 0)))
             return
-        seq = self._seq
         batch = self._batch
         if batch is not None and at == self._batch_at and self._batch_seq == seq - 1:
             # Nothing was queued since this entry's last message (the sequence
@@ -235,46 +257,80 @@ class VirtualNetwork:
         self._batch_at, self._batch_seq = at, seq
         heapq.heappush(self._queue, (at, seq, _BATCH, batch))
 
-    def run(self, until: Optional[float], max_events: int, idle: Callable[[], bool]) -> None:
-        """Process events in order until none is left, the next one is due
-        after ``until``, ``max_events`` have run, or nothing is in flight and
-        ``idle()`` says the host is done."""
-        queue, step = self._queue, self.step
-        while queue and self.events < max_events:
-            if until is not None and queue[0][0] > until:
+    def run(self, until: Optional[float] = None, max_events: Optional[int] = None,
+            idle: Optional[Callable[[], bool]] = None) -> None:
+        """Process events in time order until none is left, the next one is due
+        after ``until``, ``max_events`` events have run in all, or nothing is
+        in flight and ``idle()`` says the host is done.
+
+        The whole event loop is here, with what it needs bound to locals once:
+        it runs millions of times per simulated round.
+        """
+        queue, links, closed = self._queue, self.links, self._closed_pairs
+        deliver, pop, push = self.on_deliver, heapq.heappop, heapq.heappush
+        while queue:
+            at = queue[0][0]
+            if until is not None and at > until or \
+                    max_events is not None and self.events >= max_events:
                 break
-            step()
-            if self.in_flight == 0 and idle():
+            _, _, kind, payload = pop(queue)
+            self._batch = None  # popped: it may not grow any more
+            self.now = at
+            self.events += 1
+            if kind == _BATCH:
+                # Handlers never look at in_flight, so the batch leaves at once.
+                self.in_flight -= len(payload)
+                for src, dst, msg in payload:
+                    if not closed or (src, dst) not in closed:
+                        deliver(src, dst, msg)
+            elif kind == _UPLINK or kind == _DOWNLINK:
+                # The head of a link's bulk queue is due: the next one takes
+                # its place in the heap.
+                link = links[payload]
+                fifo = link.up_queue if kind == _UPLINK else link.down_queue
+                message = fifo.popleft()[2]
+                if fifo:
+                    head = fifo[0]
+                    push(queue, (head[0], head[1], kind, payload))
+                if kind == _UPLINK:
+                    self._arrive(at, message)
+                else:
+                    self.in_flight -= 1
+                    src, dst, msg, size = message
+                    if not closed or (src, dst) not in closed:
+                        link.wire_down += size
+                        deliver(src, dst, msg)
+            elif kind == _ARRIVE:
+                self._arrive(at, payload)
+            elif kind == _DELIVER:
+                self.in_flight -= 1
+                src, dst, msg, size = payload
+                if (src, dst) not in closed:
+                    links[dst].wire_down += size
+                    deliver(src, dst, msg)
+            else:
+                payload()
+            if idle is not None and self.in_flight == 0 and idle():
                 break
 
     def step(self) -> bool:
         """Process the next event; False when there is none."""
         if not self._queue:
             return False
-        at, _, kind, payload = heapq.heappop(self._queue)
-        self._batch = None  # popped: it may not grow any more
-        self.now = at
-        self.events += 1
-        if kind == _BATCH:
-            closed, deliver = self._closed_pairs, self.on_deliver
-            for src, dst, msg in payload:
-                self.in_flight -= 1
-                if (src, dst) not in closed:
-                    deliver(src, dst, msg)
-        elif kind == _ARRIVE:
-            d = self.links[payload[1]]
-            d.down_free = (d.down_free if d.down_free > at else at) + payload[3] / d.profile.down
-            self._seq += 1
-            heapq.heappush(self._queue, (d.down_free, self._seq, _DELIVER, payload))
-        elif kind == _DELIVER:
-            self.in_flight -= 1
-            src, dst, msg, size = payload
-            if (src, dst) not in self._closed_pairs:
-                self.links[dst].wire_down += size
-                self.on_deliver(src, dst, msg)
-        else:
-            payload()
+        self.run(max_events=self.events + 1)
         return True
+
+    def _arrive(self, at: float, message: tuple) -> None:
+        """A bulk message reached its receiver's downlink: queue it there
+        (a FIFO like the uplink's, see ``send``)."""
+        dst = message[1]
+        d = self.links[dst]
+        done = d.down_free = (d.down_free if d.down_free > at else at) + message[3] / d.profile.down
+        self._seq += 1
+        down = d.down_queue
+        if not down:
+            heapq.heappush(self._queue, (done, self._seq, _DOWNLINK, dst))
+        down.append((done, self._seq, message))
 
 
 def _corrupt_piece(msg: object, rng: random.Random) -> Optional[object]:
@@ -286,7 +342,7 @@ def _corrupt_piece(msg: object, rng: random.Random) -> Optional[object]:
     return Piece(msg.index, msg.begin, bytes(block))
 
 
-@dataclass
+@dataclass(slots=True)
 class PeerLink:
     session: SwarmSession
     link: Link
@@ -404,7 +460,17 @@ class SimNetwork:
             net.schedule(net.now + self.tick_interval, lambda pid=pid: self._tick(pid))
         if deadline is not None:
             net.schedule(deadline, self._deadline)
-        net.run(until, max_events, self._done)
+        # The loop makes and drops millions of small acyclic objects (messages,
+        # keys, tuples), all freed by reference counting; the cycle collector
+        # would only rescan every session's state over and over (about a
+        # tenth of a 64-peer run), so it pauses until the loop is done.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            net.run(until, max_events, self._done)
+        finally:
+            if collecting:
+                gc.enable()
         wall = time.perf_counter() - wall0
         sessions = {pid: l.session for pid, l in self.peers.items()}
         return SimResult(
