@@ -3,14 +3,16 @@
 n clients, each sharing a model of --model-mb MB (pieces of 256 KiB) over
 uniform links (--mbit up and down, 5 ms latency).  Reports, per n, the
 exchange time in virtual seconds, the all-gather lower bound T_LB
-(shared/GUIDE.md section 3), eta = T_LB / T, and the wall time the simulator
-took, side by side in one run.
+(shared/GUIDE.md section 3), eta = T_LB / T, and the wall and CPU time the
+simulator took (on a busy machine wall time also counts waiting for a core),
+side by side in one run.
 
     python scripts/bench_exchange.py [--clients 4 16 64] [--model-mb 2] [--mbit 100]
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import os
 import platform
@@ -50,18 +52,19 @@ def main() -> None:
     print(f"machine: {platform.platform()}, {os.cpu_count()} cpus, Python {platform.python_version()}")
     print(f"{a.model_mb:g} MB per client in {piece // 1024} KiB pieces, {a.mbit:g} Mbit/s up and "
           f"down, 5 ms latency\n")
-    print("| clients | T virtual s | T_LB s | eta | wall s | events | events/s |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| clients | T virtual s | T_LB s | eta | wall s | cpu s | events | events/s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in a.clients:
         own = owners(n, size, piece)
         t_lb = lower_bound({o: m.total_size for o, (m, _) in own.items()}, {o: link for o in own})
         swarm = build_swarm(own, SwarmConfig(piece_size=piece), link, seed=0)
-        t0 = time.perf_counter()
+        gc.collect()  # the previous, smaller swarm is garbage (sessions hold cycles)
+        t0, c0 = time.perf_counter(), time.process_time()
         r = swarm.run(until=36000)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         assert r.complete
         print(f"| {n} | {r.virtual_time:.3f} | {t_lb:.3f} | {t_lb / r.virtual_time:.3f} | "
-              f"{wall:.1f} | {r.events} | {r.events / wall:,.0f} |", flush=True)
+              f"{wall:.1f} | {cpu:.1f} | {r.events} | {r.events / wall:,.0f} |", flush=True)
 
 
 if __name__ == "__main__":
