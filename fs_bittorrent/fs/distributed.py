@@ -204,15 +204,15 @@ async def serve_server(worker: Any, inbox: Inbox) -> None:
     # A deadline may end the run (the evaluation deadline of the last
     # round): every timer wakes the loop to re-check its condition.
     worker.bt.attach(LoopScheduler(loop, after=inbox.wake), progress=progress)
+    async def serve_while(condition: Callable[[], bool]) -> None:
+        while condition():
+            request = await inbox.get()
+            if request is not None:          # None: a timer woke us to re-check
+                dispatch(worker, parse(request))
+
     try:
-        while worker.join_in_client_num < worker.client_num:
-            request = await inbox.get()
-            if request is not None:
-                dispatch(worker, parse(request))
-        while worker.state <= worker.total_round_num:
-            request = await inbox.get()
-            if request is not None:
-                dispatch(worker, parse(request))
+        await serve_while(lambda: worker.join_in_client_num < worker.client_num)
+        await serve_while(lambda: worker.state <= worker.total_round_num)
         if not getattr(worker, "is_finish", False):
             worker.terminate(msg_type="finish")
     finally:

@@ -499,13 +499,18 @@ class ServerManager(BitTorrentManager):
             w.check_and_move_on(check_eval_result=True, min_received_num=len(got))
         self.scheduler.call_at(self.now() + self.settings.timeout, deadline)
 
+    def _refuse(self, message: Any, what: str, exc: BitTorrentError) -> None:
+        """A control message that failed its checks: counted, logged, dropped;
+        nothing of it reached the round's state."""
+        self.protocol_errors += 1
+        log.error("server: bad %s from client %s: %s", what, message.sender, exc)
+
     def on_manifest(self, message: Any) -> None:
         try:
             round_idx, manifest, address = wire.unpack_manifest(message.content)
             actions = self.coordinator.on_manifest(message.sender, round_idx, manifest, self.now())
         except BitTorrentError as exc:
-            self.protocol_errors += 1
-            log.error("server: bad manifest from client %s: %s", message.sender, exc)
+            self._refuse(message, wire.MSG_MANIFEST, exc)
             return
         self._sample_sizes[message.sender] = manifest.sample_count
         if address:
@@ -517,8 +522,7 @@ class ServerManager(BitTorrentManager):
             report = wire.unpack_report(message.content)
             actions = self.coordinator.on_report(message.sender, report, self.now())
         except BitTorrentError as exc:
-            self.protocol_errors += 1
-            log.error("server: bad report from client %s: %s", message.sender, exc)
+            self._refuse(message, wire.MSG_REPORT, exc)
             return
         self._advance_progress(message.sender, report.round, report.pieces_have)
         self._act(actions)
@@ -528,8 +532,7 @@ class ServerManager(BitTorrentManager):
         try:
             round_idx, up, down, have, aggregate_time = wire.unpack_stats(message.content)
         except BitTorrentError as exc:
-            self.protocol_errors += 1
-            log.error("server: bad %s from client %s: %s", wire.MSG_STATS, message.sender, exc)
+            self._refuse(message, wire.MSG_STATS, exc)
             return
         stats = self._pending_stats
         if stats is None or stats["round"] != round_idx or message.sender not in self._stats_due:
@@ -555,9 +558,7 @@ class ServerManager(BitTorrentManager):
         try:
             round_idx, have, total = wire.unpack_progress(message.content)
         except BitTorrentError as exc:
-            self.protocol_errors += 1
-            log.error("server: bad %s from client %s: %s", wire.MSG_PROGRESS, message.sender,
-                      exc)
+            self._refuse(message, wire.MSG_PROGRESS, exc)
             return
         self._advance_progress(message.sender, round_idx, have)
 

@@ -85,11 +85,9 @@ def pack_manifest(round_idx: int, m: Manifest, address: str = "") -> dict:
 def unpack_manifest(content: Any) -> tuple[int, Manifest, str]:
     r = _require(content, "round", int, MSG_MANIFEST)
     manifest = manifest_from_text(_require(content, "manifest", str, MSG_MANIFEST))
-    address = content.get("address", "")
-    if address:
+    address = content.get("address", "")     # '' in standalone runs
+    if address != "":
         parse_address(address, f"{MSG_MANIFEST}.address")
-    elif not isinstance(address, str):
-        raise ProtocolError(f"{MSG_MANIFEST}.address", address, "must be 'host:port'")
     return r, manifest, address
 
 

@@ -135,6 +135,13 @@ def _uint(field: str, value: Any) -> int:
     return v
 
 
+def _piece_key(round: Any, source: Any, index: Any,
+               holder: Any) -> tuple[int, int, int, Optional[int]]:
+    """``(round, source, piece_index, holder)`` checked; holder None = anyone."""
+    return (_uint("round", round), _uint("source", source), _uint("piece_index", index),
+            None if holder is None else _uint("holder", holder))
+
+
 def _pos_int(field: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise StoreError(field, value, f"must be an integer >= {minimum}")
@@ -741,8 +748,7 @@ class SQLitePieceStore:
     def get_piece(self, round: int, source: int, index: int,
                   holder: Optional[int] = None) -> Optional[bytes]:
         """The bytes of a piece held by ``holder`` (by anyone if None), else None."""
-        r, s, i = _uint("round", round), _uint("source", source), _uint("piece_index", index)
-        h = None if holder is None else _uint("holder", holder)
+        r, s, i, h = _piece_key(round, source, index, holder)
         with self._lock:
             self._check_open()
             if h is None:
@@ -767,8 +773,7 @@ class SQLitePieceStore:
     def has_piece(self, round: int, source: int, index: int,
                   holder: Optional[int] = None) -> bool:
         """True if ``holder`` (anyone, if None) holds the piece."""
-        r, s, i = _uint("round", round), _uint("source", source), _uint("piece_index", index)
-        h = None if holder is None else _uint("holder", holder)
+        r, s, i, h = _piece_key(round, source, index, holder)
         with self._lock:
             self._check_open()
             if h is None:
