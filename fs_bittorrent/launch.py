@@ -105,6 +105,21 @@ def plan(cfg_file: str, clients: int, out: Path, opts: Sequence[str] = (),
     return parts
 
 
+def start(parts: Sequence[Participant], client_delay: float = 0.5,
+          env: Optional[dict] = None) -> None:
+    """Start each participant in its own process group, output to its log;
+    the clients ``client_delay`` seconds after the server."""
+    env = dict(os.environ if env is None else env)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    for p in parts:
+        p.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(p.log_path, "wb") as f:
+            p.proc = subprocess.Popen(p.argv, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                      start_new_session=True)
+        if p.role == "server":
+            time.sleep(client_delay)     # a head start (clients also wait for its port)
+
+
 def run(parts: list[Participant], timeout: float = 600.0, client_delay: float = 0.5,
         env: Optional[dict] = None, tolerate_killed: bool = False) -> LaunchResult:
     """Start the server, then the clients; wait for all (bounded); clean up.
@@ -112,17 +127,9 @@ def run(parts: list[Participant], timeout: float = 600.0, client_delay: float = 
     ``tolerate_killed``: a client that dies of SIGKILL (a crash injected by
     ``bittorrent.faults.crash_clients``) does not stop the others."""
     t0 = time.monotonic()
-    env = dict(os.environ if env is None else env)
-    env.setdefault("PYTHONUNBUFFERED", "1")
     timed_out = False
     try:
-        for p in parts:
-            p.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(p.log_path, "wb") as f:
-                p.proc = subprocess.Popen(p.argv, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                          start_new_session=True)
-            if p.role == "server":
-                time.sleep(client_delay)     # its gRPC endpoint must be up before joins
+        start(parts, client_delay, env)
         deadline = t0 + timeout
         pending = list(parts)
         while pending:

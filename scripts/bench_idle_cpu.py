@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from fs_bittorrent.launch import plan, stop_all  # noqa: E402
+from fs_bittorrent.launch import plan, start, stop_all  # noqa: E402
 
 CFG = """
 use_gpu: False
@@ -56,12 +55,7 @@ def measure(enable: bool, seconds: float, tmp: Path) -> dict[str, float]:
     opts = ["bittorrent.enable", str(enable)]
     parts = plan(str(cfg), 2, tmp / f"run_{enable}", opts)[:2]   # server + one client
     try:
-        for p in parts:
-            p.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(p.log_path, "wb") as f:
-                p.proc = subprocess.Popen(p.argv, stdout=f, stderr=subprocess.STDOUT,
-                                          start_new_session=True)
-            time.sleep(0.5)
+        start(parts)
         client_log = parts[1].log_path
         end = time.monotonic() + 120
         while "is assigned with" not in client_log.read_text(errors="replace"):
