@@ -753,8 +753,10 @@ def test_assigned_piece_can_always_be_finished_by_its_peer():
     """The old credit deadlock: a peer's credit full of half-received pieces
     that only it could finish.  Now a piece starts only where its whole
     length is reserved, so a peer can always finish what it was given."""
+    # No first-copy plan: the test needs D to ask both A and B for A's pieces
+    # from the start (the plan would keep D off A's first copies).
     config = cfg(credit_bytes=64, min_requests_per_peer=2, max_requests_per_peer=2,
-                 request_timeout=10.0)
+                 request_timeout=10.0, first_copy_wait=0)
     layout, owned, s = relay_swarm(n_pieces=4, piece_size=64, config=config)
     net = Pump(s)
     net.after = check_ledgers

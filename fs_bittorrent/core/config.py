@@ -33,6 +33,7 @@ class SwarmConfig:
     handshake_retry: float = 5.0        # resend an unanswered handshake after this long
     interest_retry: float = 5.0         # re-assert interest when choked this long
     max_corrupt_pieces: int = 3         # a peer that served this many bad pieces is banned
+    first_copy_wait: float = 2.0        # drop the first-copy plan after idling this long (0: no plan)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -48,7 +49,7 @@ class SwarmConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(name, getattr(self, name), "must be > 0")
         for name in ("max_upload_slots", "max_retries", "end_game_threshold", "end_game_delay",
-                     "unchoke_interval"):
+                     "unchoke_interval", "first_copy_wait"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, getattr(self, name), "must be >= 0")
         if self.block_size > self.max_block_size:

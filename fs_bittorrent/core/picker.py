@@ -12,6 +12,13 @@ Policy (BitTorrent's, tuned for federated rounds):
 * new pieces rarest first, random tie-breaks.  Every piece starts with one
   holder, its owner, so "rarest" first means "owner-only pieces first",
   which gets every piece off its owner's uplink as early as possible;
+* upload-aware sources (``pick``'s ``copies_ok`` and ``own_copies_ok``,
+  and the first-copy plan, see ``first_copy_plan``): an owner's uplink is
+  asked for each of its pieces once, by one designated peer, before anyone
+  else asks it for the same piece; a piece that already has copies elsewhere
+  is not fetched from its owner unless the owner is known to be fast; a
+  source too slow to finish a piece before we expect to be done is asked
+  only for pieces nobody else holds;
 * outside end game a block is never outstanding at two peers at once;
 * end game once every missing block is requested (or at most
   ``end_game_threshold`` are not): a nearly idle peer may duplicate a block
@@ -116,12 +123,52 @@ class Picks:
         return len(self.blocks) + len(self.duplicates)
 
 
+def first_copy_plan(layout: SwarmLayout) -> list[int]:
+    """Designated first receiver of every piece (-1: none), the same at every peer.
+
+    Owner o's k-th piece goes to the (k mod (N-1) + 1)-th owner after o in
+    id order, N owners in all.  Every peer derives it from the manifests
+    alone, so it needs no message: while a piece is still only at its owner,
+    only its designee asks the owner for it.  The owner's uplink then carries
+    each of its pieces once, to distinct peers, before repeating any (the
+    effect of BitTorrent's super-seeding), and the designees spread them.
+    Each peer is designee for about one (N-1)-th of every share.
+    """
+    owners = layout.owners
+    n = len(owners)
+    plan: list[int] = []
+    for pos, owner in enumerate(owners):
+        for k in range(len(layout.owner_range(owner))):
+            plan.append(owners[(pos + 1 + k % (n - 1)) % n] if n > 1 else -1)
+    return plan
+
+
 class PiecePicker:
     max_end_game_copies = 2  # a block is outstanding at two peers at most
 
     def __init__(self, layout: SwarmLayout, block_size: int, have: Sequence[bool],
-                 seed: int = 0, end_game_threshold: int = 0) -> None:
+                 seed: int = 0, end_game_threshold: int = 0, me: int = -1,
+                 plan: bool = True) -> None:
         self.layout = layout
+        self.me = me
+        # piece -> its owner, and its designated first receiver (-1: none; a
+        # piece designated to us carries no restriction for us)
+        self.owner_of = [layout.owner_of(i) for i in range(layout.num_pieces)]
+        self.designee = [-1 if d == me else d for d in first_copy_plan(layout)]
+        # owner -> its pieces we lack that no connected peer but (at most)
+        # the owner holds: while any is left, the owner's uplink is asked
+        # only for those first copies, never for relays.
+        self.solo: dict[int, int] = {o: 0 for o in layout.owners}
+        for i in range(layout.num_pieces):
+            if not have[i]:
+                self.solo[self.owner_of[i]] += 1
+        # The plan holds while this is True; the session drops it when it
+        # has been idle too long (a designee that cannot reach the owner, or
+        # was banned by it, must not hold the piece back for ever).
+        self.plan = plan
+        # Peers the session is connected to: a designee counts only while it
+        # is here to fetch its piece (otherwise anyone may ask the owner).
+        self.live: set[int] = set()
         self.block_size = block_size
         self.end_game_threshold = end_game_threshold
         n = layout.num_pieces
@@ -162,11 +209,19 @@ class PiecePicker:
 
     def peer_gained(self, indices: Iterable[int]) -> None:
         for i in indices:
-            self.availability[i] += 1
+            self.gained_one(i)
+
+    def gained_one(self, i: int) -> None:
+        """One more connected peer holds piece ``i``."""
+        a = self.availability[i] = self.availability[i] + 1
+        if a == 2 and not self.have[i]:
+            self.solo[self.owner_of[i]] -= 1
 
     def peer_lost(self, indices: Iterable[int]) -> None:
         for i in indices:
-            self.availability[i] -= 1
+            a = self.availability[i] = self.availability[i] - 1
+            if a == 1 and not self.have[i]:
+                self.solo[self.owner_of[i]] += 1
 
     def _avoided(self, index: int, peer: int) -> bool:
         bad = self.avoid.get(index)
@@ -179,7 +234,8 @@ class PiecePicker:
     # ---- picking -----------------------------------------------------------
     def pick(self, peer: int, peer_has: Sequence[bool], max_blocks: int, reserve_free: int,
              end_game_ok: bool = True, now: float = 0.0,
-             end_game_delay: float = 0.0) -> Picks:
+             end_game_delay: float = 0.0, copies_ok: bool = True,
+             own_copies_ok: bool = True, fast: bool = False) -> Picks:
         """Blocks to request from ``peer`` now.
 
         ``max_blocks``: room in the peer's request pipeline.  ``reserve_free``:
@@ -187,6 +243,14 @@ class PiecePicker:
         its whole length fits.  ``end_game_ok``: the caller allows duplicate
         requests from this peer (the session passes True only for a nearly
         idle peer, so duplicates use spare capacity).
+
+        Source choice for new pieces (the session judges the peer's speed):
+        ``copies_ok`` False starts only pieces no other connected peer holds
+        (a slow source); ``own_copies_ok`` False does the same for the peer's
+        own pieces only (an owner not known to be fast: its uplink is kept for
+        what nobody else can give).  A piece still only at its owner is asked
+        of the owner by its designated first receiver alone while that peer
+        is connected (``first_copy_plan``).
         """
         picks = Picks()
         room = max_blocks
@@ -220,12 +284,25 @@ class PiecePicker:
         # one int key (tiebreak ranks are < the piece count), cheaper to compare
         n = len(self.tiebreak)
         availability, tiebreak, avoid = self.availability, self.tiebreak, self.avoid
+        owner_of, designee = self.owner_of, self.designee
+        planned = self.plan
+        live = self.live if planned else ()
+        # An owner with first copies still to give is asked for nothing else.
+        first_only = planned and not fast and self.solo.get(peer, 0) > 0
         while room > 0:
             best: Optional[int] = None
             best_key: Optional[int] = None
             for i in self.unstarted:
                 if peer_has[i] and not (avoid and self._avoided(i, peer)):
-                    key = availability[i] * n + tiebreak[i]
+                    a = availability[i]
+                    if first_only and (a > 1 or owner_of[i] != peer):
+                        continue
+                    if a > 1:
+                        if not copies_ok or not own_copies_ok and owner_of[i] == peer:
+                            continue  # others hold it: spare this source
+                    elif owner_of[i] == peer and designee[i] in live:
+                        continue  # the owner's first copy goes to its designee
+                    key = a * n + tiebreak[i]
                     if best_key is None or key < best_key:
                         best, best_key = i, key
             if best is None or self.layout.piece_length(best) > reserve_free:
@@ -376,6 +453,8 @@ class PiecePicker:
         if index in self.partials:
             self._forget(index)
         self.avoid.pop(index, None)
+        if not self.have[index] and self.availability[index] <= 1:
+            self.solo[self.owner_of[index]] -= 1
         self.have[index] = True
 
     def piece_failed(self, index: int) -> PartialPiece:

@@ -119,7 +119,16 @@ class SwarmSession:
                                   f"peer {peer_id} owns these pieces but storage lacks them")
         self.picker = PiecePicker(layout, config.block_size, have,
                                   seed=(config.seed * 1_000_003 + peer_id) & 0xFFFFFFFF,
-                                  end_game_threshold=config.end_game_threshold)
+                                  end_game_threshold=config.end_game_threshold,
+                                  me=peer_id, plan=config.first_copy_wait > 0)
+        self._idle_since: Optional[float] = None  # nothing in flight anywhere since
+        # Our total download rate (EWMA, like PeerState's), which says how
+        # long we still expect to download: a source that cannot finish a
+        # piece in that time is asked only for what nobody else holds.
+        self._rate_in = 0.0
+        self._best_rate = 0.0   # the fastest source's rate, refreshed every tick
+        self._rate_bytes = 0
+        self._rate_since = now
         self.peers: dict[int, PeerState] = {}
         self.stats = SessionStats()
         self.started_at = now
@@ -139,6 +148,7 @@ class SwarmSession:
         self._lengths = [layout.piece_length(i) for i in range(n)]
         self._block_size = config.block_size
         self._max_block = config.max_block_size
+        self._max_piece = max_piece
         self._build_dispatch()
         if self.complete:
             self.stats.completed_at = now
@@ -235,6 +245,7 @@ class SwarmSession:
         p = self.peers.pop(peer, None)
         if p is None:
             return
+        self.picker.live.discard(peer)
         self.picker.peer_gone(peer)
         p.inflight.clear()
         if p.handshaken:
@@ -376,6 +387,7 @@ class SwarmSession:
                 out.append(self._send(p, Bitfield(encode_bits(self.have, self.layout.num_pieces)), now))
             return out
         p.handshaken = True
+        self.picker.live.add(peer)
         if p.handshake_sent_at is None:
             p.handshake_sent_at = now
             out.append(self._send(p, self._handshake(), now))
@@ -398,7 +410,7 @@ class SwarmSession:
         if not p.set_has(i):
             return []
         picker = self.picker
-        picker.availability[i] += 1
+        picker.gained_one(i)
         if picker.have[i]:
             return []
         p.wanted += 1
@@ -513,6 +525,13 @@ class SwarmSession:
         counters.blocks_in += 1
         p.timeout_streak = 0
         p.note_received(length, now)
+        self._rate_bytes += length
+        dt = now - self._rate_since
+        if dt >= 0.1:
+            sample = self._rate_bytes / dt
+            self._rate_in = sample if self._rate_in == 0.0 else 0.5 * (self._rate_in + sample)
+            self._rate_bytes = 0
+            self._rate_since = now
         cfg = self.config
         p.on_block(now - sent_at, cfg.block_size, cfg.request_queue_time,
                    cfg.min_requests_per_peer, cfg.max_requests_per_peer)
@@ -661,8 +680,28 @@ class SwarmSession:
         if room <= 0:
             return []  # the common case on a busy link: nothing to pick
         pid = p.peer_id
-        picks = self.picker.pick(pid, p.has, room, cfg.credit_bytes - p.reserved_total,
-                                 inflight <= 1, now, cfg.end_game_delay)
+        # Source speed: could p finish one piece before we expect to hold
+        # everything (missing bytes / our download rate)?  If not, it is
+        # asked only for pieces nobody else holds.  Unknown rates count as
+        # fast for relays but not for an owner's own pieces, whose uplink is
+        # kept for what only it can give.
+        rate = p.rate_in
+        picker = self.picker
+        if not picker.outstanding:
+            slow, known = False, True  # nothing in flight anywhere: take what there is
+            if self._idle_since is None:
+                self._idle_since = now
+            elif picker.plan and now - self._idle_since >= cfg.first_copy_wait:
+                log.info("peer %s: idle %.1fs; dropping the first-copy plan", self.peer_id,
+                         now - self._idle_since)
+                picker.plan = False
+        else:
+            self._idle_since = None
+            slow = self._slow(rate)
+            known = rate > 0.0
+        picks = picker.pick(pid, p.has, room, cfg.credit_bytes - p.reserved_total,
+                            inflight <= 1, now, cfg.end_game_delay, not slow, known and not slow,
+                            rate > 0.0 and 2 * rate >= self._best_rate)
         blocks, duplicates = picks.blocks, picks.duplicates
         lengths = self._lengths
         for index in picks.assigned:
@@ -680,6 +719,19 @@ class SwarmSession:
             p.last_sent = now
         return out
 
+    def _slow(self, rate: float) -> bool:
+        """Is a source delivering ``rate`` to us too slow to finish a piece
+        before we expect to hold everything?  We expect that after missing
+        bytes / our total rate, and no sooner than the fastest source needs
+        for two pieces."""
+        if rate <= 0.0:
+            return False
+        left = self.picker.missing_blocks * self._block_size / self._rate_in \
+            if self._rate_in > 0.0 else float("inf")
+        if self._best_rate > 0.0 and left < 2 * self._max_piece / self._best_rate:
+            left = 2 * self._max_piece / self._best_rate
+        return rate * left < self._max_piece
+
     # ---- time -------------------------------------------------------------------
     def tick(self, now: float) -> list[Outgoing]:
         """Timers: request timeouts, handshake and interest retries, keep-alive,
@@ -688,6 +740,7 @@ class SwarmSession:
             return []
         out: list[Outgoing] = []
         cfg = self.config
+        self._best_rate = max((p.rate_in for p in self.peers.values()), default=0.0)
         for p in list(self.peers.values()):
             if now - p.last_recv > cfg.peer_timeout:
                 log.info("peer %s: peer %s silent for %.1fs; dropping", self.peer_id,

@@ -93,6 +93,8 @@ HELP = {
     "keepalive_interval": "send a keep-alive after this many seconds of silence",
     "peer_timeout": "drop a peer silent for this many seconds",
     "max_corrupt_pieces": "ban a peer after it served this many pieces failing their hash",
+    "first_copy_wait": "first-copy plan: an owner's piece is asked of the owner by one designated "
+                       "peer until others hold it; dropped after idling this many seconds (0 = off)",
     "tick_interval": "seconds between timer ticks of each swarm session",
     "keep_rounds": "rounds of pieces kept in the store (>= 1)",
     "db_dir": "directory of the piece store; '' means <outdir>/bittorrent",
@@ -163,6 +165,7 @@ def extend_bittorrent_cfg(cfg: CfgNode) -> None:
     bt.keepalive_interval = 30.0          # keep-alive after this much silence, s
     bt.peer_timeout = 120.0               # drop a peer silent this long, s
     bt.max_corrupt_pieces = 3             # ban a peer after this many bad pieces
+    bt.first_copy_wait = 2.0              # first-copy plan; dropped after idling this long, s (0 = off)
     bt.tick_interval = 0.5                # s between session timer ticks
     bt.keep_rounds = 2                    # rounds of pieces kept in the store
     bt.db_dir = ''                        # piece store dir; '' = <outdir>/bittorrent
@@ -239,20 +242,22 @@ _INT_KEYS = ("piece_size", "block_size", "max_upload_slots", "credit_bytes",
              "end_game_threshold", "max_corrupt_pieces", "keep_rounds", "seed", "degree",
              "dataplane_port")
 _FLOAT_KEYS = ("timeout", "manifest_timeout", "min_completion_ratio", "request_queue_time", "request_timeout",
-               "end_game_delay", "keepalive_interval", "peer_timeout", "tick_interval")
+               "end_game_delay", "keepalive_interval", "peer_timeout", "tick_interval",
+               "first_copy_wait")
 _STR_KEYS = ("insufficient_policy", "missing_policy", "db_dir", "secret", "topology",
              "dataplane_host")
 _POSITIVE = ("piece_size", "block_size", "credit_bytes", "max_requests_per_peer",
              "min_requests_per_peer", "max_corrupt_pieces", "timeout", "manifest_timeout",
              "request_queue_time",
              "request_timeout", "keepalive_interval", "peer_timeout", "tick_interval")
-_NON_NEGATIVE = ("max_upload_slots", "max_retries", "end_game_threshold", "end_game_delay")
+_NON_NEGATIVE = ("max_upload_slots", "max_retries", "end_game_threshold", "end_game_delay",
+                 "first_copy_wait")
 
 # SwarmConfig field -> our key (same names)
 _SWARM_KEYS = ("piece_size", "block_size", "credit_bytes", "max_requests_per_peer",
                "min_requests_per_peer", "request_queue_time", "max_upload_slots",
                "request_timeout", "max_retries", "end_game_threshold", "end_game_delay",
-               "keepalive_interval", "peer_timeout", "max_corrupt_pieces")
+               "keepalive_interval", "peer_timeout", "max_corrupt_pieces", "first_copy_wait")
 
 
 def _plain(v: Any) -> Any:
@@ -448,6 +453,7 @@ class BitTorrentSettings:
     keepalive_interval: float = 30.0
     peer_timeout: float = 120.0
     max_corrupt_pieces: int = 3
+    first_copy_wait: float = 2.0
     tick_interval: float = 0.5
     keep_rounds: int = 2
     db_dir: str = ""

@@ -43,7 +43,7 @@ from ..core.messages import Message as PeerMessage
 from ..core.pieces import make_model_manifest
 from ..core.session import Close, SwarmSession
 from ..errors import BitTorrentError, HandshakeRequired
-from ..sim.swarm import lower_bound
+from ..sim.swarm import lower_bound, lower_bound_latency
 from . import wire
 
 log = logging.getLogger(__name__)
@@ -648,10 +648,11 @@ class ServerManager(BitTorrentManager):
         completion_time = max((r.exchange_time for r in e.reports.values() if r.complete),
                               default=e.exchange_time)
         exchange_time = completion_time if e.reason == "complete" else e.exchange_time
-        t_lb = None
+        t_lb = t_lb_lat = None
         if self.links and sizes and all(c in self.links for c in e.participants):
             shares = {c: sizes.get(c, 0) for c in e.participants}
             t_lb = lower_bound(shares, {c: self.links[c] for c in e.participants})
+            t_lb_lat = lower_bound_latency(shares, {c: self.links[c] for c in e.participants})
         return {
             "round": e.round, "reason": e.reason, "clock": "virtual" if self.links else "wall",
             "exchange_time": exchange_time,
@@ -670,6 +671,9 @@ class ServerManager(BitTorrentManager):
             "model_bytes": sum(sizes.values()),
             "t_lb": t_lb,
             "eta": (t_lb / exchange_time) if t_lb and exchange_time > 0 else None,
+            # beside the headline: T_LB plus the unavoidable path latency
+            "t_lb_lat": t_lb_lat,
+            "eta_lat": (t_lb_lat / exchange_time) if t_lb_lat and exchange_time > 0 else None,
         }
 
     def _write_fs_result(self, stats: dict) -> None:

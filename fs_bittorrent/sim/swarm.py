@@ -74,6 +74,30 @@ def lower_bound(piece_bytes: Mapping[int, int], profiles: Mapping[int, LinkProfi
     return max(need_down, need_up_total, need_owner)
 
 
+def lower_bound_latency(piece_bytes: Mapping[int, int], profiles: Mapping[int, LinkProfile],
+                        server_up: float = 0.0) -> float:
+    """T_LB plus the path latency a handshake-then-pull exchange cannot avoid.
+
+    ``T_LB,lat = T_LB + min_{i != j} (2 L_i + L_j) + min_i L_i``, with ``L_i``
+    peer i's one-way latency (a message from i takes ``L_i`` to arrive, as
+    in the simulator; on a real network read ``L_i + L_j`` as the path's
+    one-way delay).  No uplink can send a piece byte before some request
+    has reached it: i's handshake reaches j (``L_i``), j's handshake comes
+    back (``L_j``), i's request reaches j (``L_i``).  And the last byte sent
+    still needs at least ``min L`` to arrive.  The bandwidth bound then
+    applies between the two, so with one latency L everywhere
+    ``T_LB,lat = T_LB + 4 L`` (two round trips).  It is a bound for
+    BitTorrent-style exchanges (handshake, then request/response), not for
+    every protocol; ``η = T_LB / T`` stays the headline figure.
+    """
+    t_lb = lower_bound(piece_bytes, profiles, server_up)
+    lat = sorted(profiles[i].latency for i in piece_bytes)
+    if len(lat) < 2:
+        return t_lb
+    # 2 L_i + L_j over i != j is smallest with i the lowest latency, j the next
+    return t_lb + 2 * lat[0] + lat[1] + lat[0]
+
+
 def build_swarm(owners: OwnerPieces, config: SwarmConfig = SwarmConfig(),
                 profiles: Union[LinkProfile, Mapping[int, LinkProfile]] = LinkProfile(),
                 seed: int = 0, faults: Faults = Faults(), encode: bool = False,
