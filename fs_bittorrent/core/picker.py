@@ -298,7 +298,7 @@ class PiecePicker:
                     if first_only and (a > 1 or owner_of[i] != peer):
                         continue
                     if a > 1:
-                        if not copies_ok or not own_copies_ok and owner_of[i] == peer:
+                        if not copies_ok or planned and not own_copies_ok and owner_of[i] == peer:
                             continue  # others hold it: spare this source
                     elif owner_of[i] == peer and designee[i] in live:
                         continue  # the owner's first copy goes to its designee
