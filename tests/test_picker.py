@@ -159,15 +159,40 @@ def test_own_partial_pieces_are_finished_before_new_ones_start():
     (q,) = set(piece_order(second)) - {p}
     assert keys(second)[2:] == [(q, 0), (q, BS)] and second.assigned == [q]  # p was already ours
     assert pk.assigned[1] == {p, q}
-    # another peer never gets blocks of pieces assigned to peer 1, even open ones
-    other = pk.pick(2, everything(lay), 100, BIG)
-    assert not {p, q} & set(piece_order(other))
-    assert set(other.assigned) == {0, 1, 2, 3} - {p, q} and not other.duplicates
-    assert pk.partials[q].open_blocks == {2, 3}
-    assert list(pk.pick(2, only(4, p, q), 100, BIG)) == []
     # the peer's own partial continues without new credit: it is reserved already
     mine = pk.pick(1, everything(lay), 100, 0)
     assert keys(mine) == [(q, 2 * BS), (q, 3 * BS)] and not mine.assigned
+    # another peer never gets blocks of pieces assigned to peer 1 that are
+    # outstanding there (nothing of p and q is open now)
+    other = pk.pick(2, everything(lay), 100, BIG, end_game_ok=False)
+    assert not {p, q} & set(piece_order(other))
+    assert set(other.assigned) == {0, 1, 2, 3} - {p, q} and not other.duplicates
+    assert list(pk.pick(2, only(4, p, q), 100, BIG, end_game_ok=False)) == []
+
+
+def test_idle_peer_shares_open_blocks_of_a_piece_assigned_elsewhere():
+    """With nothing new to start, a peer takes the unrequested blocks of a
+    piece assigned to another peer, from the back (the assigned peer goes
+    from the front): reserved per block, never a block asked twice, and the
+    piece stays assigned.  Not for a source asked only for unique pieces."""
+    lay, made = layout_of((0, 1, 128), short_last=False)  # one piece, 8 blocks
+    pk = picker(lay)
+    pk.peer_gained([0, 0])
+    first = pk.pick(1, everything(lay), 2, BIG)
+    assert keys(first) == [(0, 0), (0, BS)] and first.assigned == [0]
+    assert list(pk.pick(2, everything(lay), 3, BIG, copies_ok=False)) == []
+    shared = pk.pick(2, everything(lay), 3, BIG)
+    assert not shared.blocks and not shared.assigned and not shared.duplicates
+    assert keys(shared.shared) == [(0, 7 * BS), (0, 6 * BS), (0, 5 * BS)]
+    assert pk.partials[0].peer == 1 and pk.assigned[1] == {0}
+    assert pk.partials[0].open_blocks == {2, 3, 4}
+    assert all(len(peers) == 1 for peers in pk.outstanding.values())
+    more = pk.pick(1, everything(lay), 10, BIG, end_game_ok=False)
+    assert keys(more) == [(0, 2 * BS), (0, 3 * BS), (0, 4 * BS)]
+    # sharing leaves room for one whole piece in the peer's credit
+    pk.request_dropped(0, 7 * BS, 2)  # the block is open again
+    assert list(pk.pick(3, everything(lay), 10, 128 + BS - 1, end_game_ok=False)) == []
+    assert keys(pk.pick(3, everything(lay), 10, 128 + BS, end_game_ok=False)) == [(0, 7 * BS)]
 
 
 def test_orphaned_partial_resumes_at_first_missing_offset_before_new_pieces():
@@ -236,9 +261,10 @@ def test_reserve_stops_new_pieces_but_not_the_peers_own():
     assert list(got) == [(0, 0, BS)] and got.assigned == [0]
     got = pk.pick(2, only(3, 2), 10, BIG)
     assert list(got) == [(2, 0, BS), (2, BS, BS), (2, 2 * BS, 11)]
-    # a reserve that stops before the next whole piece
-    assert list(pk.pick(3, only(3, 0, 1), 10, 64 - 1)) == []
-    got = pk.pick(3, only(3, 0, 1), 10, 64 + 43)
+    # a reserve that stops before the next whole piece (copies_ok False: no
+    # sharing of peer 1's open blocks, only whole new pieces)
+    assert list(pk.pick(3, only(3, 0, 1), 10, 64 - 1, copies_ok=False)) == []
+    got = pk.pick(3, only(3, 0, 1), 10, 64 + 43, copies_ok=False)
     assert got.assigned == [1] and len(got) == 4
     # two pieces fit only if both whole lengths fit
     pk2 = picker(lay, seed=0)
@@ -284,9 +310,12 @@ def test_end_game_needs_every_missing_block_outstanding():
     # peer 2 could duplicate the old blocks of `other`, but one block is unrequested
     assert list(pk.pick(2, has_other, 10, BIG, end_game_ok=True, now=100.0,
                         end_game_delay=0.5)) == []
-    # nor may it take the open block of `last_piece`: that piece is peer 1's
-    assert list(pk.pick(2, everything(lay), 10, BIG, end_game_ok=True, now=100.0,
-                        end_game_delay=0.5)) == []
+    # it may share the open block of `last_piece` (not a duplicate: the piece
+    # stays peer 1's); only then is every block requested
+    shared = pk.pick(2, everything(lay), 1, BIG, end_game_ok=True, now=100.0,
+                     end_game_delay=0.5)
+    assert keys(shared.shared) == [(last_piece, BS)] and not shared.blocks
+    assert pk.partials[last_piece].peer == 1 and pk.in_end_game
     assert all(len(v) == 1 for v in pk.outstanding.values())
 
 
@@ -552,12 +581,12 @@ def checked_pick(pk, model, peer, max_blocks, reserve, eg_ok, now, delay):
     peer_has = [i in model.has[peer] for i in range(n)]
     got = pk.pick(peer, peer_has, max_blocks, reserve, end_game_ok=eg_ok, now=now,
                   end_game_delay=delay)
-    assert list(got) == got.blocks + got.duplicates
+    assert list(got) == got.blocks + got.shared + got.duplicates
     assert len(got) <= max(max_blocks, 0)
     assert len({(i, b) for i, b, _ in got}) == len(got)
     # credit: whole pieces for new assignments, one block per end-game copy
     assigned_len = sum(pk.layout.piece_length(i) for i in got.assigned)
-    dup_len = sum(length for _, _, length in got.duplicates)
+    dup_len = sum(length for _, _, length in got.duplicates + got.shared)
     assert assigned_len + dup_len <= max(reserve, 0)
     assert len(set(got.assigned)) == len(got.assigned)
     for i in got.assigned:
@@ -571,6 +600,13 @@ def checked_pick(pk, model, peer, max_blocks, reserve, eg_ok, now, delay):
         assert (i, b) not in before  # never a second copy outside end game
         assert pk.outstanding[(i, b)] == {peer}
         assert pk.partials[i].peer == peer
+    for i, b, length in got.shared:
+        event("shared block")
+        # an open block of a piece assigned to another peer: asked once
+        assert peer_has[i] and length == pk.block_length(i, b) and (i, b) not in before
+        assert pk.partials[i].peer not in (peer, None)
+        assert pk.outstanding[(i, b)] == {peer}
+        model.dups.add(((i, b), peer))
     for i, b, length in got.duplicates:
         event("end-game duplicate")
         assert peer_has[i] and length == pk.block_length(i, b)

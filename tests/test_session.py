@@ -771,6 +771,8 @@ def test_assigned_piece_can_always_be_finished_by_its_peer():
     assert d.peers[1].reserved == {b_piece: 64} and d.peers[1].reserved_total == 64
     assert set(d.picker.partials) == {b_piece}
     assert all(d.have[i] for i in range(4) if i != b_piece)
+    # (A shares no open block of B's piece: that would leave less than a
+    # whole piece of credit, and the piece could not be moved to A)
     assert not d.picker.pieces_of(0) and d.peers[0].reserved_total == 0
     assert d.stats.credit_violations == s[0].stats.credit_violations == 0
     d.peer_lost(1, 1.0)

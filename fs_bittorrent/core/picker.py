@@ -109,18 +109,20 @@ class PartialPiece:
 @dataclass(slots=True)
 class Picks:
     """What ``pick`` chose: blocks to request, pieces newly assigned to the
-    peer (reserve their full length), and end-game duplicates (reserve per
-    block)."""
+    peer (reserve their full length), end-game duplicates (reserve per
+    block), and shared blocks: unrequested blocks of a piece assigned to
+    another peer (reserve per block, like duplicates, but no second copy)."""
 
     blocks: list[tuple[int, int, int]] = field(default_factory=list)
     assigned: list[int] = field(default_factory=list)
     duplicates: list[tuple[int, int, int]] = field(default_factory=list)
+    shared: list[tuple[int, int, int]] = field(default_factory=list)
 
     def __iter__(self):
-        return iter(self.blocks + self.duplicates)
+        return iter(self.blocks + self.shared + self.duplicates)
 
     def __len__(self) -> int:
-        return len(self.blocks) + len(self.duplicates)
+        return len(self.blocks) + len(self.shared) + len(self.duplicates)
 
 
 def first_copy_plan(layout: SwarmLayout) -> list[int]:
@@ -154,6 +156,8 @@ class PiecePicker:
         # piece -> its owner, and its designated first receiver (-1: none; a
         # piece designated to us carries no restriction for us)
         self.owner_of = [layout.owner_of(i) for i in range(layout.num_pieces)]
+        self.max_piece = max((layout.piece_length(i) for i in range(layout.num_pieces)),
+                             default=0)
         self.designee = [-1 if d == me else d for d in first_copy_plan(layout)]
         # owner -> its pieces we lack that no connected peer but (at most)
         # the owner holds: while any is left, the owner's uplink is asked
@@ -313,6 +317,12 @@ class PiecePicker:
             reserve_free -= pp.length
             self._assign(pp, peer, mine, picks)
             room -= self._take(pp, peer, room, now, picks)
+        # 3b. nothing new to start: help with the unrequested blocks of
+        # pieces assigned to other peers (from the back; their peer takes
+        # from the front), so a fast source is not idle while a slow one
+        # still has a piece's blocks to go.  No byte is asked twice.
+        if room > 0 and copies_ok and not first_only and self.partials:
+            room, reserve_free = self._share(peer, peer_has, room, reserve_free, now, picks)
         # 4. end game: duplicate the oldest outstanding blocks, once each
         if end_game_ok and room > 0 and self.in_end_game:
             for key, peers in self.outstanding.items():
@@ -331,6 +341,38 @@ class PiecePicker:
                 if room <= 0:
                     break
         return picks
+
+    def _share(self, peer: int, peer_has: Sequence[bool], room: int, reserve_free: int,
+               now: float, picks: Picks) -> tuple[int, int]:
+        """Request open blocks of partial pieces assigned to other peers.
+
+        They go to ``picks.shared`` (a reservation per block, released when
+        the piece settles, as for end-game copies), and the piece stays with
+        its peer.  With
+        several givers a hash failure is settled by the suspects' digests,
+        as after a reassignment."""
+        bs, outstanding, requested_at = self.block_size, self.outstanding, self.requested_at
+        for index, pp in self.partials.items():
+            if pp.peer == peer or pp.peer is None or not pp.open_blocks \
+                    or not peer_has[index] or index in self.avoid:
+                continue  # (a piece that failed once is not split again: certain blame)
+            for b in sorted(pp.open_blocks, reverse=True):
+                length = pp.block_length(b)
+                # Keep room for one whole piece: an orphan (this one, if its
+                # peer leaves) must still fit here, or credit could deadlock.
+                if length + self.max_piece > reserve_free:
+                    return room, reserve_free
+                begin = b * bs
+                picks.shared.append((index, begin, length))
+                key = (index, begin)
+                outstanding[key] = {peer}
+                requested_at[key] = now
+                pp.open_blocks.discard(b)
+                reserve_free -= length
+                room -= 1
+                if room <= 0:
+                    return room, reserve_free
+        return room, reserve_free
 
     def _take(self, pp: PartialPiece, peer: int, room: int, now: float, picks: Picks) -> int:
         """Request up to ``room`` of pp's open blocks, lowest offset first."""

@@ -703,6 +703,9 @@ class SwarmSession:
                             inflight <= 1, now, cfg.end_game_delay, not slow, known and not slow,
                             rate > 0.0 and 2 * rate >= self._best_rate)
         blocks, duplicates = picks.blocks, picks.duplicates
+        if picks.shared:
+            # per-block reservations with the same life cycle as end-game copies
+            duplicates = picks.shared + duplicates
         lengths = self._lengths
         for index in picks.assigned:
             p.reserve(index, lengths[index])
