@@ -320,6 +320,7 @@ BAD_ALWAYS = [  # rejected even with enable False
     ("bittorrent.seed", -2),
     ("bittorrent.degree", 0),
     ("bittorrent.max_retries", -1),
+    ("bittorrent.first_copy_wait", -0.5),
     ("bittorrent.tick_interval", 0.0),
     ("bittorrent.network.upload", -5.0),
     ("bittorrent.network.latency", -0.1),

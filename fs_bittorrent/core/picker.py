@@ -19,6 +19,9 @@ Policy (BitTorrent's, tuned for federated rounds):
   is not fetched from its owner unless the owner is known to be fast; a
   source too slow to finish a piece before we expect to be done is asked
   only for pieces nobody else holds;
+* a source with room and no new piece to start shares the unrequested
+  blocks of a piece assigned to another peer (from the back; reserved per
+  block; one whole piece of credit always stays free);
 * outside end game a block is never outstanding at two peers at once;
 * end game once every missing block is requested (or at most
   ``end_game_threshold`` are not): a nearly idle peer may duplicate a block
