@@ -171,17 +171,18 @@ def test_own_partial_pieces_are_finished_before_new_ones_start():
 
 
 def test_idle_peer_shares_open_blocks_of_a_piece_assigned_elsewhere():
-    """With nothing new to start, a peer takes the unrequested blocks of a
-    piece assigned to another peer, from the back (the assigned peer goes
-    from the front): reserved per block, never a block asked twice, and the
-    piece stays assigned.  Not for a source asked only for unique pieces."""
+    """With nothing new to start, a source known to be fast takes the
+    unrequested blocks of a piece assigned to another peer, from the back
+    (the assigned peer goes from the front): reserved per block, never a
+    block asked twice, and the piece stays assigned."""
     lay, made = layout_of((0, 1, 128), short_last=False)  # one piece, 8 blocks
     pk = picker(lay)
     pk.peer_gained([0, 0])
     first = pk.pick(1, everything(lay), 2, BIG)
     assert keys(first) == [(0, 0), (0, BS)] and first.assigned == [0]
-    assert list(pk.pick(2, everything(lay), 3, BIG, copies_ok=False)) == []
-    shared = pk.pick(2, everything(lay), 3, BIG)
+    # only a source known to be fast shares
+    assert list(pk.pick(2, everything(lay), 3, BIG)) == []
+    shared = pk.pick(2, everything(lay), 3, BIG, fast=True)
     assert not shared.blocks and not shared.assigned and not shared.duplicates
     assert keys(shared.shared) == [(0, 7 * BS), (0, 6 * BS), (0, 5 * BS)]
     assert pk.partials[0].peer == 1 and pk.assigned[1] == {0}
@@ -191,8 +192,10 @@ def test_idle_peer_shares_open_blocks_of_a_piece_assigned_elsewhere():
     assert keys(more) == [(0, 2 * BS), (0, 3 * BS), (0, 4 * BS)]
     # sharing leaves room for one whole piece in the peer's credit
     pk.request_dropped(0, 7 * BS, 2)  # the block is open again
-    assert list(pk.pick(3, everything(lay), 10, 128 + BS - 1, end_game_ok=False)) == []
-    assert keys(pk.pick(3, everything(lay), 10, 128 + BS, end_game_ok=False)) == [(0, 7 * BS)]
+    assert list(pk.pick(3, everything(lay), 10, 128 + BS - 1, end_game_ok=False,
+                        fast=True)) == []
+    assert keys(pk.pick(3, everything(lay), 10, 128 + BS, end_game_ok=False,
+                        fast=True)) == [(0, 7 * BS)]
 
 
 def test_orphaned_partial_resumes_at_first_missing_offset_before_new_pieces():
@@ -313,7 +316,7 @@ def test_end_game_needs_every_missing_block_outstanding():
     # it may share the open block of `last_piece` (not a duplicate: the piece
     # stays peer 1's); only then is every block requested
     shared = pk.pick(2, everything(lay), 1, BIG, end_game_ok=True, now=100.0,
-                     end_game_delay=0.5)
+                     end_game_delay=0.5, fast=True)
     assert keys(shared.shared) == [(last_piece, BS)] and not shared.blocks
     assert pk.partials[last_piece].peer == 1 and pk.in_end_game
     assert all(len(v) == 1 for v in pk.outstanding.values())

@@ -166,6 +166,10 @@ class PiecePicker:
         # the owner holds: while any is left, the owner's uplink is asked
         # only for those first copies, never for relays.
         self.solo: dict[int, int] = {o: 0 for o in layout.owners}
+        # owner -> when the last of its pieces first had another holder: how
+        # long its uplink took for one copy of its share, seen by everyone
+        # (a capacity measurement for owners we never downloaded from)
+        self.first_done: dict[int, float] = {}
         for i in range(layout.num_pieces):
             if not have[i]:
                 self.solo[self.owner_of[i]] += 1
@@ -214,15 +218,20 @@ class PiecePicker:
     def in_end_game(self) -> bool:
         return self.pieces_missing > 0 and self.unrequested_blocks <= self.end_game_threshold
 
-    def peer_gained(self, indices: Iterable[int]) -> None:
+    def peer_gained(self, indices: Iterable[int], now: float = 0.0) -> None:
         for i in indices:
-            self.gained_one(i)
+            self.gained_one(i, now)
 
-    def gained_one(self, i: int) -> None:
+    def gained_one(self, i: int, now: float = 0.0) -> None:
         """One more connected peer holds piece ``i``."""
         a = self.availability[i] = self.availability[i] + 1
         if a == 2 and not self.have[i]:
-            self.solo[self.owner_of[i]] -= 1
+            self._first_copy_out(self.owner_of[i], now)
+
+    def _first_copy_out(self, owner: int, now: float) -> None:
+        left = self.solo[owner] = self.solo[owner] - 1
+        if left == 0 and owner not in self.first_done:
+            self.first_done[owner] = now
 
     def peer_lost(self, indices: Iterable[int]) -> None:
         for i in indices:
@@ -251,7 +260,10 @@ class PiecePicker:
         requests from this peer (the session passes True only for a nearly
         idle peer, so duplicates use spare capacity).
 
-        Source choice for new pieces (the session judges the peer's speed):
+        Source choice (the session judges the peer's speed; ``fast``: its
+        rate to us is known and at least half our fastest source's, which
+        lets it skip the owner's first-copies-first rule and share other
+        peers' open blocks):
         ``copies_ok`` False starts only pieces no other connected peer holds
         (a slow source); ``own_copies_ok`` False does the same for the peer's
         own pieces only (an owner not known to be fast: its uplink is kept for
@@ -320,11 +332,11 @@ class PiecePicker:
             reserve_free -= pp.length
             self._assign(pp, peer, mine, picks)
             room -= self._take(pp, peer, room, now, picks)
-        # 3b. nothing new to start: help with the unrequested blocks of
-        # pieces assigned to other peers (from the back; their peer takes
-        # from the front), so a fast source is not idle while a slow one
-        # still has a piece's blocks to go.  No byte is asked twice.
-        if room > 0 and copies_ok and not first_only and self.partials:
+        # 3b. nothing new to start: a source known to be fast helps with the
+        # unrequested blocks of pieces assigned to other peers (from the
+        # back; their peer takes from the front), so it is not idle while a
+        # slow one still has a piece's blocks to go.  No byte is asked twice.
+        if room > 0 and fast and self.partials:
             room, reserve_free = self._share(peer, peer_has, room, reserve_free, now, picks)
         # 4. end game: duplicate the oldest outstanding blocks, once each
         if end_game_ok and room > 0 and self.in_end_game:
@@ -494,12 +506,12 @@ class PiecePicker:
             self.requested_at.pop(key, None)
         return pp
 
-    def piece_verified(self, index: int) -> None:
+    def piece_verified(self, index: int, now: float = 0.0) -> None:
         if index in self.partials:
             self._forget(index)
         self.avoid.pop(index, None)
         if not self.have[index] and self.availability[index] <= 1:
-            self.solo[self.owner_of[index]] -= 1
+            self._first_copy_out(self.owner_of[index], now)
         self.have[index] = True
 
     def piece_failed(self, index: int) -> PartialPiece:

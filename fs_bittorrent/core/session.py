@@ -127,6 +127,7 @@ class SwarmSession:
         # piece in that time is asked only for what nobody else holds.
         self._rate_in = 0.0
         self._best_rate = 0.0   # the fastest source's rate, refreshed every tick
+        self._slow_owners: frozenset[int] = frozenset()  # see _judge_owners
         self._rate_bytes = 0
         self._rate_since = now
         self.peers: dict[int, PeerState] = {}
@@ -410,7 +411,7 @@ class SwarmSession:
         if not p.set_has(i):
             return []
         picker = self.picker
-        picker.gained_one(i)
+        picker.gained_one(i, now)
         if picker.have[i]:
             return []
         p.wanted += 1
@@ -422,7 +423,7 @@ class SwarmSession:
 
     def _on_have(self, p: PeerState, indices: Iterable[int], now: float) -> list[Outgoing]:
         news = [i for i in indices if p.set_has(i)]
-        self.picker.peer_gained(news)
+        self.picker.peer_gained(news, now)
         for i in indices:
             # Their have settles what we served them for the piece.
             p.clear_served_piece(i)
@@ -569,7 +570,7 @@ class SwarmSession:
             return self._piece_failed(index, now)
         owner, local = self.layout.to_local(index)
         self.storage.put(owner, local, digest, data)
-        picker.piece_verified(index)
+        picker.piece_verified(index, now)
         out = self._settle_suspects(index, data, now) if index in self._suspects else []
         stats = self.stats
         stats.pieces_received += 1
@@ -697,7 +698,7 @@ class SwarmSession:
                 picker.plan = False
         else:
             self._idle_since = None
-            slow = self._slow(rate)
+            slow = self._slow(rate) if rate > 0.0 else pid in self._slow_owners
             known = rate > 0.0
         picks = picker.pick(pid, p.has, room, cfg.credit_bytes - p.reserved_total,
                             inflight <= 1, now, cfg.end_game_delay, not slow, known and not slow,
@@ -722,6 +723,20 @@ class SwarmSession:
             p.last_sent = now
         return out
 
+    def _judge_owners(self, now: float) -> frozenset[int]:
+        """Owners whose uplink looks slow from how long their first copies
+        took (``picker.first_done``), for sources we have no rate for: an
+        owner that needed more than twice the median owner's time, or is
+        still not done at twice that, once half the owners are done."""
+        done = self.picker.first_done
+        owners = self.layout.owners
+        if not self.picker.plan or 2 * len(done) < len(owners):
+            return frozenset()
+        took = sorted(t - self.started_at for t in done.values())
+        limit = 2 * took[len(took) // 2]
+        return frozenset(o for o in owners
+                         if (done[o] if o in done else now) - self.started_at > limit)
+
     def _slow(self, rate: float) -> bool:
         """Is a source delivering ``rate`` to us too slow to finish a piece
         before we expect to hold everything?  We expect that after missing
@@ -744,6 +759,7 @@ class SwarmSession:
         out: list[Outgoing] = []
         cfg = self.config
         self._best_rate = max((p.rate_in for p in self.peers.values()), default=0.0)
+        self._slow_owners = self._judge_owners(now)
         for p in list(self.peers.values()):
             if now - p.last_recv > cfg.peer_timeout:
                 log.info("peer %s: peer %s silent for %.1fs; dropping", self.peer_id,
