@@ -26,7 +26,6 @@ Scenarios (Mbit/s, one-way latency 5 ms unless stated):
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -63,18 +62,14 @@ def links_mbit(scenario: str, n: int) -> list[tuple[float, float, float]]:
 def run_cell(scenario: str, n: int, mb: float, piece: int) -> dict:
     """One round in this process (whatever tree is first on sys.path)."""
     from fs_bittorrent.core.config import SwarmConfig
-    from fs_bittorrent.core.manifest import Manifest, TensorSpec
     from fs_bittorrent.sim import swarm as sim_swarm
     from fs_bittorrent.sim.network import LinkProfile
+    # After fs_bittorrent is imported from the measured tree (bench_exchange
+    # puts its own tree first on sys.path, but the modules are loaded now).
+    from bench_exchange import owners as make_owners
 
     size = int(mb * 1e6)
-    owners = {}
-    for o in range(1, n + 1):
-        blob = random.Random(o).randbytes(size)
-        pieces = [blob[i:i + piece] for i in range(0, size, piece)]
-        m = Manifest(o, 0, size, piece, tuple(hashlib.sha256(p).digest() for p in pieces), 1,
-                     (TensorSpec("w", "U8", (size,), 0, size),))
-        owners[o] = (m, pieces)
+    owners = make_owners(n, size, piece)
     profiles = {o: LinkProfile(up=u * 1e6 / 8, down=d * 1e6 / 8, latency=lat)
                 for o, (u, d, lat) in zip(range(1, n + 1), links_mbit(scenario, n))}
     shares = {o: m.total_size for o, (m, _) in owners.items()}
