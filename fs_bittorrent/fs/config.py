@@ -81,17 +81,19 @@ HELP = {
                            "min_completion_ratio of the clients completed at the deadline",
     "missing_policy": "'global' | 'local': value for model elements nobody delivered: the "
                       "previous global model, or the client's own trained model",
-    "max_upload_slots": "peers unchoked at once; 0 = every interested peer",
+    "max_upload_slots": "peers unchoked at once; 0 = every interested peer (a peer that says "
+                        "not-interested is choked)",
     "credit_bytes": "bytes of requested blocks a peer accepts in flight",
     "max_requests_per_peer": "request pipeline cap per peer",
     "min_requests_per_peer": "request pipeline floor per peer (before a rate is measured)",
     "request_queue_time": "queueing delay the request window may build (seconds); window = rate x (path RTT + this)",
     "request_timeout": "seconds before an unanswered block is re-requested elsewhere",
-    "max_retries": "request timeouts in a row before a peer is dropped as dead",
+    "max_retries": "request-timeout rounds in a row a peer may have; the next one drops it "
+                   "as dead (it is dropped at max_retries + 1)",
     "end_game_threshold": "also enter end game when <= this many blocks are unrequested",
     "end_game_delay": "in end game, duplicate only blocks outstanding this long (seconds)",
-    "keepalive_interval": "send a keep-alive after this many seconds of silence",
-    "peer_timeout": "drop a peer silent for this many seconds",
+    "keepalive_interval": "send a keep-alive after this many seconds of silence; < peer_timeout",
+    "peer_timeout": "drop a peer silent for this many seconds; > keepalive_interval",
     "max_corrupt_pieces": "ban a peer after it served this many pieces failing their hash",
     "tick_interval": "seconds between timer ticks of each swarm session",
     "keep_rounds": "rounds of pieces kept in the store (>= 1)",
@@ -121,7 +123,8 @@ HELP = {
                                   "[] = use network.latency",
     "network.latency_dist": "standalone only: latency in seconds drawn per client (forms as "
                             "network.upload_dist); '' = use network.latency",
-    "faults.drop": "fault injection, standalone: probability that a peer message is lost",
+    "faults.drop": "fault injection (standalone runner and distributed data plane): "
+                   "probability that a peer message is lost",
     "faults.duplicate": "fault injection: probability that a peer message arrives twice",
     "faults.reorder": "fault injection: probability that a peer message is held up to "
                       "faults.reorder_delay seconds, so later ones overtake it",
@@ -160,8 +163,8 @@ def extend_bittorrent_cfg(cfg: CfgNode) -> None:
     bt.max_retries = 5                    # timeouts in a row before a peer is dropped
     bt.end_game_threshold = 0             # also enter end game at <= this many unrequested blocks
     bt.end_game_delay = 0.5               # end game duplicates blocks outstanding >= this long, s
-    bt.keepalive_interval = 30.0          # keep-alive after this much silence, s
-    bt.peer_timeout = 120.0               # drop a peer silent this long, s
+    bt.keepalive_interval = 120.0         # keep-alive after this much silence, s (BitTorrent: 2 min)
+    bt.peer_timeout = 300.0               # drop a peer silent this long, s (> keepalive_interval)
     bt.max_corrupt_pieces = 3             # ban a peer after this many bad pieces
     bt.tick_interval = 0.5                # s between session timer ticks
     bt.keep_rounds = 2                    # rounds of pieces kept in the store
@@ -188,7 +191,8 @@ def extend_bittorrent_cfg(cfg: CfgNode) -> None:
     bt.network.latency_per_client = []    # seconds, one per client
     bt.network.latency_dist = ''          # e.g. 'choice(0.001,0.05)'
 
-    # Fault injection on the peer messages (standalone runner), seeded by the
+    # Fault injection on the peer messages (standalone runner and distributed
+    # data plane), seeded by the
     # exchange seed.  Everything off by default.  See core/faults.py.
     bt.faults = CN()
     bt.faults.drop = 0.0                  # probability a peer message is lost
@@ -445,8 +449,8 @@ class BitTorrentSettings:
     max_retries: int = 5
     end_game_threshold: int = 0
     end_game_delay: float = 0.5
-    keepalive_interval: float = 30.0
-    peer_timeout: float = 120.0
+    keepalive_interval: float = 120.0
+    peer_timeout: float = 300.0
     max_corrupt_pieces: int = 3
     tick_interval: float = 0.5
     keep_rounds: int = 2

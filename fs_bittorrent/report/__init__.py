@@ -154,7 +154,13 @@ def build_report(outdir: str | Path, out: Optional[str | Path] = None,
                  compare: Optional[str | Path] = None) -> Path:
     """Write the PNGs and report.html; returns the path of report.html."""
     from . import html as html_mod
-    from . import plots
+    try:
+        from . import plots
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] != "matplotlib":
+            raise
+        raise ReportError("the plots need matplotlib, which is not installed: "
+                          "pip install matplotlib (or pip install -e '.[plots]')") from None
     run = load_run(outdir, require_rounds=True)
     other = load_run(compare, require_rounds=False) if compare is not None else None
     if other is not None and other.label == run.label:
