@@ -44,7 +44,7 @@ from ..core.pieces import make_model_manifest
 from ..core.session import Close, SwarmSession
 from ..errors import BitTorrentError, HandshakeRequired
 from ..sim.swarm import lower_bound
-from . import wire
+from . import monitoring, wire
 
 log = logging.getLogger(__name__)
 
@@ -396,11 +396,14 @@ class ClientManager(BitTorrentManager):
             self._aggregate()
         aggregate_time = self.now() - t0
         # The final counts, equal to the store's row: the server's per-round
-        # metrics then agree with every client's database.
-        self._send(self._message(wire.MSG_STATS, [self.worker.server_id], self.round,
-                                 wire.pack_stats(self.round, s.stats.bytes_up,
-                                                 s.stats.bytes_down, s.pieces_have,
-                                                 aggregate_time)))
+        # metrics then agree with every client's database.  Plus the store's
+        # size (monitoring), and the bytes into FS's own monitor.
+        content = wire.pack_stats(self.round, s.stats.bytes_up, s.stats.bytes_down,
+                                  s.pieces_have, aggregate_time)
+        store_path, store_bytes = monitoring.store_size(self.store)
+        content.update(store_path=store_path, store_bytes=float(store_bytes))
+        self._send(self._message(wire.MSG_STATS, [self.worker.server_id], self.round, content))
+        monitoring.feed_fs_monitor(self.worker, s.stats.bytes_up, s.stats.bytes_down)
         end_round = getattr(self.transport, "end_round", None)
         if end_round is not None:
             end_round()
@@ -450,6 +453,16 @@ class ServerManager(BitTorrentManager):
         worker.register_handlers(wire.MSG_REPORT, self.on_report)
         worker.register_handlers(wire.MSG_STATS, self.on_stats)
         worker.register_handlers(wire.MSG_PROGRESS, self.on_progress)
+        # What crosses the server's own link, and the operator's round figures.
+        self.traffic = monitoring.ServerTraffic()
+        self.traffic.count_incoming(worker)
+        self.figures = monitoring.RoundFigures()
+        send = self._send
+
+        def counted_send(message: Any) -> None:
+            self.traffic.on_send(message)
+            send(message)
+        self._send = counted_send
 
     def attach(self, scheduler: Scheduler, links: Optional[dict] = None,
                progress: Any = None) -> None:
@@ -543,6 +556,7 @@ class ServerManager(BitTorrentManager):
         c = str(message.sender)
         stats["bytes_up"][c], stats["bytes_down"][c] = up, down
         stats["aggregate_time"][c] = aggregate_time
+        self.figures.note_client_store(stats, message.sender, message.content)
         self._stats_due.discard(message.sender)
         if not self._stats_due:
             self.flush_stats()
@@ -670,6 +684,8 @@ class ServerManager(BitTorrentManager):
             "model_bytes": sum(sizes.values()),
             "t_lb": t_lb,
             "eta": (t_lb / exchange_time) if t_lb and exchange_time > 0 else None,
+            "server_bytes": self.traffic.take(),
+            **monitoring.star_figures(sizes, self._owners, e.owners),
         }
 
     def _write_fs_result(self, stats: dict) -> None:
@@ -681,7 +697,7 @@ class ServerManager(BitTorrentManager):
             return
         headline = {key: stats[key] for key in ("reason", "clock", "exchange_time",
                                                 "completion_ratio", "t_lb", "eta")}
-        headline["bytes_total"] = sum(stats["bytes_down"].values())
+        headline.update({key: stats.get(key) for key in monitoring.HEADLINE_KEYS})
         monitor.save_formatted_results({"Role": "Server #", "Round": stats["round"],
                                         "Results_bittorrent": headline})
 
@@ -690,6 +706,7 @@ class ServerManager(BitTorrentManager):
         if not outdir:
             return
         os.makedirs(outdir, exist_ok=True)
+        self.figures.complete(stats)
         with open(os.path.join(outdir, "bittorrent_rounds.jsonl"), "a") as f:
             f.write(json.dumps(stats) + "\n")
         self._write_fs_result(stats)
@@ -708,12 +725,15 @@ class ServerManager(BitTorrentManager):
                             stats["corrupt_pieces"][c], stats["duplicate_blocks"][c],
                             stats["aggregate_time"][c],
                             "" if stats["t_lb"] is None else stats["t_lb"],
-                            "" if stats["eta"] is None else stats["eta"]])
+                            "" if stats["eta"] is None else stats["eta"],
+                            stats["store_bytes"].get(c, ""), stats["star_bytes"].get(c, 0),
+                            stats["server_bytes"]])
 
 
 CSV_COLUMNS = ("round", "client", "reason", "clock", "exchange_time", "completion",
                "bytes_up", "bytes_down", "first_piece_time", "timeouts", "corrupt_pieces",
-               "duplicate_blocks", "aggregate_time", "t_lb", "eta")
+               "duplicate_blocks", "aggregate_time", "t_lb", "eta", "store_bytes", "star_bytes",
+               "server_bytes")
 
 
 def experiment_name(cfg: Any) -> str:
