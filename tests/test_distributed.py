@@ -191,7 +191,7 @@ def _train_for(seconds: float) -> dict:
     return model.state_dict()
 
 
-@pytest.mark.parametrize("offloaded", [True, False], ids=["training-in-thread", "inline"])
+@pytest.mark.parametrize("offloaded", [True, False], ids=["thread", "inline"])
 def test_data_plane_times_out_silent_connections_while_training_runs(offloaded):
     """FS's model_para handler trains for a while.  Run as the client loop
     runs it (in the worker thread), a silent connection to the data plane
