@@ -57,6 +57,15 @@ def all_complete(peers):
     return lambda: all(p.session.complete for p in peers)
 
 
+async def run_round(peers, rnd: int = 0):
+    """Every peer swarms round ``rnd`` of its models to completion."""
+    owners, _ = model_owners([p.pid for p in peers], rnd)
+    begin_all(peers, rnd, owners)
+    assert await ticking(peers, all_complete(peers), 15), \
+        {p.pid: p.session.progress(0) for p in peers}
+    return owners
+
+
 def assert_bit_exact(peers, owners):
     for p in peers:
         assert p.storage.bad_puts == []
@@ -71,6 +80,15 @@ def listen_on_package_logger(caplog):
         pkg.addHandler(caplog.handler)
         return lambda: pkg.removeHandler(caplog.handler)
     return lambda: None
+
+
+def run_logged(caplog, main) -> None:
+    """``asyncio.run(main())`` with the package's log records in ``caplog``."""
+    stop = listen_on_package_logger(caplog)
+    try:
+        asyncio.run(main())
+    finally:
+        stop()
 
 
 def warnings_about(caplog, *words):
@@ -164,9 +182,7 @@ def test_tls_swarm_two_rounds_bit_exact_every_connection_pinned():
         peers = await started(3, tls=True)
         try:
             for rnd in range(2):
-                owners, _ = model_owners([1, 2, 3], rnd)
-                begin_all(peers, rnd, owners)
-                assert await ticking(peers, all_complete(peers), 15)
+                owners = await run_round(peers, rnd)
                 assert_bit_exact(peers, owners)
                 for p in peers:
                     assert p.plane.connected_peers == sorted({1, 2, 3} - {p.pid})
@@ -208,8 +224,6 @@ def test_bytes_on_the_wire_hold_no_plaintext_of_the_model(tls):
 
 
 def test_replayed_handshake_from_a_captured_connection_is_refused(caplog):
-    stop = listen_on_package_logger(caplog)
-
     async def main():
         peers, relay, owners, _ = await relayed_pair(tls=True)
         b = peers[1]
@@ -233,10 +247,7 @@ def test_replayed_handshake_from_a_captured_connection_is_refused(caplog):
             await relay.close()
             await close_all(peers)
 
-    try:
-        asyncio.run(main())
-    finally:
-        stop()
+    run_logged(caplog, main)
 
 
 def test_peer_ids_outside_the_membership_are_refused(caplog):
@@ -245,21 +256,14 @@ def test_peer_ids_outside_the_membership_are_refused(caplog):
     is refused as a non-member; so is a stranger with a fresh key claiming
     id 77, at TLS already; and with encryption off, id 77 with the right
     swarm id and HMAC is refused as a non-member too."""
-    stop = listen_on_package_logger(caplog)
-
     async def main():
         peers = await started(3, tls=True)
         p1, p2, p3 = peers
         try:
-            owners0, _ = model_owners([1, 2, 3], 0)
-            begin_all(peers, 0, owners0)
-            assert await ticking(peers, all_complete(peers), 15)
-            owners1, _ = model_owners([1, 2], 1)
-            members = [p1, p2]
-            begin_all(members, 1, owners1)
+            await run_round(peers, 0)
+            owners1 = await run_round([p1, p2], 1)
             p3.begin(1, owners1, addresses(peers), connect=False,
                      certificates=certificates(peers))    # p3 eavesdropped the table
-            assert await ticking(members, all_complete(members), 15)
             held = set(p1.storage.keys())
             swarm = p1.session.layout.swarm_id
             with caplog.at_level(logging.WARNING, logger="fs_bittorrent"):
@@ -288,9 +292,7 @@ def test_peer_ids_outside_the_membership_are_refused(caplog):
         plain = await started(2)
         q1, q2 = plain
         try:
-            owners, _ = model_owners([1, 2], 0)
-            begin_all(plain, 0, owners)
-            assert await ticking(plain, all_complete(plain), 15)
+            await run_round(plain)
             swarm = q1.session.layout.swarm_id
             r, w = await asyncio.open_connection("127.0.0.1", q1.plane.port)
             hs = Handshake(swarm, 77, 1 << 20, make_auth(SECRET, swarm, 77))
@@ -300,22 +302,15 @@ def test_peer_ids_outside_the_membership_are_refused(caplog):
         finally:
             await close_all(plain)
 
-    try:
-        asyncio.run(main())
-    finally:
-        stop()
+    run_logged(caplog, main)
 
 
 def test_second_connection_for_a_connected_id_does_not_take_over(caplog):
-    stop = listen_on_package_logger(caplog)
-
     async def main():
         peers = await started(3, tls=True)
         p1, p2, p3 = peers
         try:
-            owners, _ = model_owners([1, 2, 3], 0)
-            begin_all(peers, 0, owners)
-            assert await ticking(peers, all_complete(peers), 15)
+            await run_round(peers)
             live = p1.plane._conns[2]
             swarm = p1.session.layout.swarm_id
             with caplog.at_level(logging.WARNING, logger="fs_bittorrent"):
@@ -339,10 +334,7 @@ def test_second_connection_for_a_connected_id_does_not_take_over(caplog):
         finally:
             await close_all(peers)
 
-    try:
-        asyncio.run(main())
-    finally:
-        stop()
+    run_logged(caplog, main)
 
 
 def test_eavesdropper_holding_everything_sent_over_grpc_cannot_handshake():
@@ -444,7 +436,6 @@ def test_flood_of_unauthenticated_connections_is_capped_and_logged_while_the_swa
     connections stay within the caps, the refusals and timeouts show in the
     log *during* the flood, and the swarm ends with exactly the clean
     run's bytes."""
-    stop = listen_on_package_logger(caplog)
     max_pending, per_address, hs_timeout = 6, 3, 0.5
 
     async def flood(port: int, stop_at: float, counts: dict) -> None:
@@ -506,7 +497,4 @@ def test_flood_of_unauthenticated_connections_is_capped_and_logged_while_the_swa
         await asyncio.sleep(0.2)
         assert len(os.listdir("/proc/self/fd")) <= fds_before + 2
 
-    try:
-        asyncio.run(main())
-    finally:
-        stop()
+    run_logged(caplog, main)
