@@ -118,7 +118,8 @@ class _Conn:
     """One TCP connection; ``pid`` is None until the handshake named it."""
 
     __slots__ = ("pid", "dialer", "reader", "writer", "queue", "tasks", "closed",
-                 "registered", "addr", "round", "fingerprint", "src", "pending", "stranger")
+                 "registered", "addr", "round", "fingerprint", "src", "pending", "stranger",
+                 "deadline")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  pid: Optional[int], dialer: Optional[int]) -> None:
@@ -134,6 +135,7 @@ class _Conn:
         self.fingerprint: Optional[str] = None   # of the peer's TLS certificate
         self.pending = False                # accepted, not yet bound to a peer id
         self.stranger = False               # counted against ``max_pending``
+        self.deadline = float("inf")        # monotonic time its handshake must be done by
         try:
             self.addr = writer.get_extra_info("peername")
         except Exception:  # pragma: no cover
@@ -215,13 +217,15 @@ class PeerHost:
         self.port = self._server.sockets[0].getsockname()[1]
         self.alarms.prefix = f"data plane {self.host}:{self.port}"
 
-    def set_peers(self, certificates: dict[int, bytes]) -> None:
-        """Pin each peer id to its certificate (DER) and admit only these
-        ids; the certificates become TLS trust anchors."""
+    def set_peers(self, certificates: dict[int, bytes],
+                  members: Optional[set] = None) -> None:
+        """Pin each peer id to its certificate (DER) and admit only
+        ``members`` (default: the ids of ``certificates``); the
+        certificates become TLS trust anchors."""
         if self.identity is not None:
             self.identity.trust(certificates.values())
         self.pins = {pid: fingerprint(der) for pid, der in certificates.items()}
-        self.members = set(certificates)
+        self.members = set(certificates) if members is None else set(members)
 
     def check_identity(self, conn: _Conn, pid: int) -> None:
         """An accepted connection's claimed ``pid`` must be a member and,
@@ -415,7 +419,7 @@ class PeerHost:
     # ---- inbound ------------------------------------------------------------
     async def _reader_loop(self, conn: _Conn) -> None:
         decoder = FrameDecoder(self._pre_limits, expect_handshake=True)
-        deadline = now() + self.handshake_timeout
+        deadline = conn.deadline = now() + self.handshake_timeout
         reason = "eof"
         try:
             if conn.pending and self.identity is not None:

@@ -61,7 +61,7 @@ from ..core.messages import Handshake, Piece
 from ..core.session import Close, SwarmSession
 from ..errors import HandshakeRefused
 from .dataplane import PeerHost, now, _Conn, check_handshake
-from .tls import LocalIdentity, fingerprint
+from .tls import LocalIdentity
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +125,7 @@ class RoundDataPlane(PeerHost):
         self.peer_id = session.peer_id
         self.round, self.session = round_idx, session
         self.addresses = dict(addresses)
-        certs = dict(certificates or {})
-        if self.identity is not None:
-            self.identity.trust(certs.values())
-        self.pins = {pid: fingerprint(der) for pid, der in certs.items()}
-        self.members = set(self.addresses) | {self.peer_id}
+        self.set_peers(dict(certificates or {}), set(self.addresses) | {self.peer_id})
         self.member_hosts = {host for host, _ in self.addresses.values()}
         self._limits_now = WireLimits(num_pieces=session.layout.num_pieces,
                                       max_block_size=session.config.max_block_size)
@@ -268,14 +264,14 @@ class RoundDataPlane(PeerHost):
                 pass
 
     async def _accept_handshake(self, conn: _Conn, hs: Handshake) -> None:
-        deadline = asyncio.get_running_loop().time() + self.handshake_timeout
+        deadline = conn.deadline            # from its accept: TLS, handshake and parking
         waited = False
         while self.session is None or hs.swarm_id != self.session.layout.swarm_id:
             old = self._past_swarms.get(hs.swarm_id)
             if old is not None:
                 raise HandshakeRefused("swarm_id", hs.swarm_id.hex(),
                                        f"round {old} is over")
-            left = deadline - asyncio.get_running_loop().time()
+            left = deadline - now()
             if left <= 0:
                 raise HandshakeRefused("swarm_id", hs.swarm_id.hex(),
                                        f"no such swarm here after waiting "
