@@ -1,5 +1,9 @@
 """Benchmark: all-gather of model shares among n processes -- gloo, libtorrent, fsbt.
 
+``fsbt`` is this project's data plane in plaintext (HMAC handshake);
+``fsbt-tls`` the same with mutual TLS 1.3 and pinned per-rank certificates,
+as distributed clients run it by default (``bittorrent.encryption``).
+
 Each of n ranks holds a share of S random bytes; at the end every rank holds
 all n shares, checked bit-exact.  One OS process per rank (each in its own
 network namespace with ``--shaped``), so the comparison is the one that
@@ -351,7 +355,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--impl", default="all",
-                    help="gloo, libtorrent, fsbt, a comma list, or all")
+                    help="gloo, libtorrent, fsbt, fsbt-tls, a comma list, or all")
     ap.add_argument("--n", type=int, default=4, help="ranks")
     ap.add_argument("--mb-per-rank", type=float, default=8, help="share size, MiB")
     ap.add_argument("--piece-kib", type=int, default=1024,
