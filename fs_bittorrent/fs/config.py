@@ -98,7 +98,18 @@ HELP = {
     "tick_interval": "seconds between timer ticks of each swarm session",
     "keep_rounds": "rounds of pieces kept in the store (>= 1)",
     "db_dir": "directory of the piece store; '' means <outdir>/bittorrent",
-    "secret": "shared handshake secret; '' means a random per-run secret",
+    "secret": "plaintext data plane only (encryption False): a shared HMAC secret every "
+              "process reads from its own config (never sent over the network); '' = none",
+    "encryption": "distributed only: mutual TLS 1.3 on every data-plane connection, peers "
+                  "pinned to the certificates the server relays; False = plaintext, "
+                  "unauthenticated (trusted cluster only)",
+    "handshake_timeout": "distributed only: seconds an accepted data-plane connection has to "
+                         "complete TLS and the handshake (also how long it may wait for a "
+                         "round this client has not begun)",
+    "max_pending_connections": "distributed only: unauthenticated data-plane connections "
+                               "accepted at once from addresses that are not a member's",
+    "max_pending_per_address": "distributed only: unauthenticated data-plane connections "
+                               "accepted at once from one source address",
     "dataplane_host": "distributed only: address this client's data plane listens on and "
                       "publishes to its peers; '' = distribute.client_host",
     "dataplane_port": "distributed only: TCP port of this client's data plane; 0 = any free port",
@@ -169,7 +180,11 @@ def extend_bittorrent_cfg(cfg: CfgNode) -> None:
     bt.tick_interval = 0.5                # s between session timer ticks
     bt.keep_rounds = 2                    # rounds of pieces kept in the store
     bt.db_dir = ''                        # piece store dir; '' = <outdir>/bittorrent
-    bt.secret = ''                        # handshake secret; '' = random per-run secret
+    bt.secret = ''                        # HMAC secret, plaintext data plane only; '' = none
+    bt.encryption = True                  # distributed: mutual TLS 1.3, pinned certificates
+    bt.handshake_timeout = 10.0           # s for an accepted connection's TLS + handshake
+    bt.max_pending_connections = 64       # unauthenticated connections from non-members
+    bt.max_pending_per_address = 8        # unauthenticated connections per source address
     bt.dataplane_host = ''                # distributed: data plane address; '' = distribute.client_host
     bt.dataplane_port = 0                 # distributed: data plane TCP port; 0 = any free port
     bt.seed = -1                          # exchange seed; -1 = cfg.seed
@@ -241,15 +256,17 @@ _NETWORK_KEYS = tuple(f"{q}{sfx}" for q in _QUANTITIES for sfx in ("", "_per_cli
 _INT_KEYS = ("piece_size", "block_size", "max_upload_slots", "credit_bytes",
              "max_requests_per_peer", "min_requests_per_peer", "max_retries",
              "end_game_threshold", "max_corrupt_pieces", "keep_rounds", "seed", "degree",
-             "dataplane_port")
+             "dataplane_port", "max_pending_connections", "max_pending_per_address")
 _FLOAT_KEYS = ("timeout", "manifest_timeout", "min_completion_ratio", "request_queue_time", "request_timeout",
-               "end_game_delay", "keepalive_interval", "peer_timeout", "tick_interval")
+               "end_game_delay", "keepalive_interval", "peer_timeout", "tick_interval",
+               "handshake_timeout")
 _STR_KEYS = ("insufficient_policy", "missing_policy", "db_dir", "secret", "topology",
              "dataplane_host")
 _POSITIVE = ("piece_size", "block_size", "credit_bytes", "max_requests_per_peer",
              "min_requests_per_peer", "max_corrupt_pieces", "timeout", "manifest_timeout",
              "request_queue_time",
-             "request_timeout", "keepalive_interval", "peer_timeout", "tick_interval")
+             "request_timeout", "keepalive_interval", "peer_timeout", "tick_interval",
+             "handshake_timeout", "max_pending_connections", "max_pending_per_address")
 _NON_NEGATIVE = ("max_upload_slots", "max_retries", "end_game_threshold", "end_game_delay")
 
 # SwarmConfig field -> our key (same names)
@@ -313,8 +330,9 @@ def _faults_from_values(v: dict[str, Any]) -> Faults:
 
 def _check_single(v: dict[str, Any]) -> None:
     """Type and range of each key on its own (cheap; run even when disabled)."""
-    if not isinstance(v["enable"], bool):
-        raise ConfigError(_f("enable"), v["enable"], "must be True or False")
+    for k in ("enable", "encryption"):
+        if not isinstance(v[k], bool):
+            raise ConfigError(_f(k), v[k], "must be True or False")
     for k in _INT_KEYS:
         if not _is_int(v[k]):
             raise ConfigError(_f(k), v[k], "must be an int")
@@ -427,8 +445,8 @@ class BitTorrentSettings:
     """Validated, resolved values of ``cfg.bittorrent`` (plus what they depend on).
 
     ``seed`` is resolved (never -1 when built by ``from_cfg``) and ``db_dir`` is
-    a path; ``secret`` stays '' when unset (the party that starts a run draws it
-    once and hands it to everyone).  ``client_num`` is ``federate.client_num``
+    a path; ``secret`` stays '' when unset (no HMAC; it is only for a plaintext
+    data plane and never sent by anyone).  ``client_num`` is ``federate.client_num``
     (0 = not yet known: the client-count checks are then skipped).
     """
 
@@ -456,6 +474,10 @@ class BitTorrentSettings:
     keep_rounds: int = 2
     db_dir: str = ""
     secret: str = ""
+    encryption: bool = True
+    handshake_timeout: float = 10.0
+    max_pending_connections: int = 64
+    max_pending_per_address: int = 8
     dataplane_host: str = ""
     dataplane_port: int = 0
     seed: int = 0

@@ -31,7 +31,6 @@ import csv
 import json
 import logging
 import os
-import secrets
 from collections import deque
 from typing import Any, Callable, Optional, Protocol
 
@@ -57,7 +56,8 @@ class Scheduler(Protocol):
 class PeerTransport(Protocol):
     """How peer messages leave: the standalone runner's virtual network, or
     the distributed data plane (which also has ``begin_round(round, session,
-    addresses)`` and ``end_round()``: its connections belong to one round)."""
+    addresses, certificates)`` and ``end_round()``: its connections belong to
+    one round)."""
 
     def send_peer(self, src: int, dst: int, round_idx: int, msg: PeerMessage) -> None: ...
     def close_peer(self, src: int, dst: int, round_idx: int) -> None: ...
@@ -110,6 +110,7 @@ class ClientManager(BitTorrentManager):
         self._store = None
         self._store_factory: Optional[Callable[[], Any]] = None
         self.address = ""                         # data plane host:port (distributed)
+        self.certificate = ""                     # its TLS certificate, base64 DER (public)
         self.round = -1
         self.session: Optional[SwarmSession] = None
         self._generation = 0                      # sessions started (names timers)
@@ -181,13 +182,15 @@ class ClientManager(BitTorrentManager):
                                  manifest.piece_hashes[k])
         self.store.flush()
         self._send(self._message(wire.MSG_MANIFEST, [self.worker.server_id], round_idx,
-                                 wire.pack_manifest(round_idx, manifest, self.address)))
+                                 wire.pack_manifest(round_idx, manifest, self.address,
+                                                    self.certificate)))
 
     # ---- exchange ----------------------------------------------------------------
     def on_start(self, message: Any) -> None:
         try:
-            round_idx, manifests, neighbours, timeout, secret = wire.unpack_start(message.content)
+            round_idx, manifests, neighbours, timeout = wire.unpack_start(message.content)
             addresses = wire.unpack_addresses(message.content)
+            certificates = wire.unpack_certificates(message.content)
         except BitTorrentError as exc:
             self.protocol_errors += 1
             log.error("client %s: bad %s: %s", self.worker.ID, wire.MSG_START, exc)
@@ -202,8 +205,11 @@ class ClientManager(BitTorrentManager):
         self.layout = SwarmLayout(tuple(manifests), experiment=experiment_name(self.worker._cfg))
         storage = self.store.holder_view(round_idx, me)
         now = self.now()
+        # With encryption the data plane's TLS authenticates peers; the HMAC
+        # secret is only for a plaintext data plane, and never sent by anyone.
+        secret = b"" if self.certificate else self.settings.secret.encode()
         self.session = SwarmSession(me, self.layout, storage, self.settings.swarm_config(),
-                                    secret=secret.encode(), now=now)
+                                    secret=secret, now=now)
         self.started_at = now
         self.reported = self.aggregated = False
         self.timeline = [(0.0, self.session.completion())]
@@ -213,7 +219,7 @@ class ClientManager(BitTorrentManager):
         self.store.begin_session(round_idx, me, now=now)
         begin_round = getattr(self.transport, "begin_round", None)
         if begin_round is not None:
-            begin_round(round_idx, self.session, addresses)
+            begin_round(round_idx, self.session, addresses, certificates)
         for peer in neighbours.get(me, []):
             if peer > me:  # one side opens each connection
                 self._emit(self.session.connect(peer, now))
@@ -434,7 +440,6 @@ class ServerManager(BitTorrentManager):
                                             settings.insufficient_policy,
                                             report_grace=2 * settings.tick_interval,
                                             manifest_timeout=settings.manifest_timeout)
-        self.secret = settings.secret or secrets.token_hex(16)
         self.links: dict = {}
         # The last rounds' figures in memory (all of them are in the outdir's
         # bittorrent_rounds.jsonl): bounded, so long runs do not grow.
@@ -443,6 +448,7 @@ class ServerManager(BitTorrentManager):
         self._sample_sizes: dict[int, int] = {}
         self._manifest_sizes: dict[int, int] = {}    # owner -> model bytes, this round
         self._addresses: dict[int, str] = {}         # client -> data plane host:port
+        self._certificates: dict[int, str] = {}      # client -> its TLS certificate (base64)
         self._armed: set[float] = set()              # coordinator deadlines with a timer
         # The last round's figures wait for the clients' final counts (bt_stats).
         self._pending_stats: Optional[dict] = None
@@ -520,7 +526,7 @@ class ServerManager(BitTorrentManager):
 
     def on_manifest(self, message: Any) -> None:
         try:
-            round_idx, manifest, address = wire.unpack_manifest(message.content)
+            round_idx, manifest, address, certificate = wire.unpack_manifest(message.content)
             actions = self.coordinator.on_manifest(message.sender, round_idx, manifest, self.now())
         except BitTorrentError as exc:
             self._refuse(message, wire.MSG_MANIFEST, exc)
@@ -528,6 +534,8 @@ class ServerManager(BitTorrentManager):
         self._sample_sizes[message.sender] = manifest.sample_count
         if address:
             self._addresses[message.sender] = address
+        if certificate:
+            self._certificates[message.sender] = certificate
         self._act(actions)
 
     def on_report(self, message: Any) -> None:
@@ -615,6 +623,8 @@ class ServerManager(BitTorrentManager):
                  len(a.manifests), len(a.participants))
         self._manifest_sizes = {m.owner: m.total_size for m in a.manifests}
         addresses = {c: self._addresses[c] for c in a.participants if c in self._addresses}
+        certificates = {c: self._certificates[c] for c in a.participants
+                        if c in self._certificates}
         if self.progress is not None:
             have = {m.owner: len(m.piece_hashes) for m in a.manifests}
             self._progress_have = dict(have)
@@ -622,7 +632,7 @@ class ServerManager(BitTorrentManager):
             self.progress.start(a.round, total - sum(have.values()))
         self._send(self._message(wire.MSG_START, list(a.participants), a.round,
                                  wire.pack_start(a.round, a.manifests, neighbours, a.timeout,
-                                                 self.secret, addresses)))
+                                                 addresses, certificates)))
 
     def _end(self, e: RoundEnd) -> None:
         w = self.worker

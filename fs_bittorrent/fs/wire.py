@@ -77,18 +77,43 @@ def manifest_from_text(text: str) -> Manifest:
     return Manifest.decode(raw)
 
 
-def pack_manifest(round_idx: int, m: Manifest, address: str = "") -> dict:
-    """``address``: the sender's data plane ``host:port`` (distributed runs)."""
-    return {"round": round_idx, "manifest": manifest_to_text(m), "address": address}
+def pack_manifest(round_idx: int, m: Manifest, address: str = "",
+                  certificate: str = "") -> dict:
+    """``address``: the sender's data plane ``host:port``; ``certificate``:
+    base64 of its TLS certificate (DER), public (distributed runs)."""
+    out = {"round": round_idx, "manifest": manifest_to_text(m), "address": address}
+    if certificate:
+        out["certificate"] = certificate
+    return out
 
 
-def unpack_manifest(content: Any) -> tuple[int, Manifest, str]:
+def unpack_manifest(content: Any) -> tuple[int, Manifest, str, str]:
+    """(round, manifest, address, certificate); the last two '' in
+    standalone runs (and the certificate with encryption off)."""
     r = _require(content, "round", int, MSG_MANIFEST)
     manifest = manifest_from_text(_require(content, "manifest", str, MSG_MANIFEST))
     address = content.get("address", "")     # '' in standalone runs
     if address != "":
         parse_address(address, f"{MSG_MANIFEST}.address")
-    return r, manifest, address
+    certificate = content.get("certificate", "")
+    if certificate != "":
+        certificate_from_text(certificate, f"{MSG_MANIFEST}.certificate")
+    return r, manifest, address, certificate
+
+
+def certificate_to_text(der: bytes) -> str:
+    return base64.b64encode(der).decode("ascii")
+
+
+def certificate_from_text(text: Any, field: str) -> bytes:
+    """Base64 text of one DER X.509 certificate -> its bytes, or a
+    ``ProtocolError`` naming ``field``."""
+    from ..net.tls import load_certificate
+    try:
+        return load_certificate(base64.b64decode(str(text).encode("ascii"), validate=True))
+    except (binascii.Error, UnicodeEncodeError, ValueError) as exc:
+        raise ProtocolError(field, str(text)[:40], f"not a base64 DER certificate: {exc}") \
+            from None
 
 
 def parse_address(text: Any, field: str) -> tuple[str, int]:
@@ -102,12 +127,33 @@ def parse_address(text: Any, field: str) -> tuple[str, int]:
 
 
 def pack_start(round_idx: int, manifests: tuple[Manifest, ...], neighbours: dict[int, list[int]],
-               timeout: float, secret: str, addresses: Mapping[int, str] = {}) -> dict:
+               timeout: float, addresses: Mapping[int, str] = {},
+               certificates: Mapping[int, str] = {}) -> dict:
+    """Everything here is public: FS's gRPC is plaintext.  No secret."""
     out = {"round": round_idx, "manifests": [manifest_to_text(m) for m in manifests],
            "neighbours": {str(k): list(v) for k, v in neighbours.items()},
-           "timeout": float(timeout), "secret": secret}
+           "timeout": float(timeout)}
     if addresses:   # FS's protobuf cannot carry an empty dict
         out["addresses"] = {str(k): v for k, v in addresses.items()}
+    if certificates:
+        out["certificates"] = {str(k): v for k, v in certificates.items()}
+    return out
+
+
+def unpack_certificates(content: Any) -> dict[int, bytes]:
+    """The data plane certificates of a start message (peer id -> DER)."""
+    raw = content.get("certificates", {}) if isinstance(content, Mapping) else {}
+    if not isinstance(raw, Mapping):
+        raise ProtocolError(f"{MSG_START}.certificates", raw,
+                            "must map client id to a base64 certificate")
+    out = {}
+    for k, v in raw.items():
+        try:
+            pid = int(k)
+        except (TypeError, ValueError):
+            raise ProtocolError(f"{MSG_START}.certificates", k,
+                                "keys must be client ids") from None
+        out[pid] = certificate_from_text(v, f"{MSG_START}.certificates[{k}]")
     return out
 
 
@@ -126,7 +172,7 @@ def unpack_addresses(content: Any) -> dict[int, tuple[str, int]]:
     return out
 
 
-def unpack_start(content: Any) -> tuple[int, list[Manifest], dict[int, list[int]], float, str]:
+def unpack_start(content: Any) -> tuple[int, list[Manifest], dict[int, list[int]], float]:
     r = _require(content, "round", int, MSG_START)
     texts = _require(content, "manifests", list, MSG_START)
     manifests = [manifest_from_text(t) for t in texts]
@@ -136,8 +182,7 @@ def unpack_start(content: Any) -> tuple[int, list[Manifest], dict[int, list[int]
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"{MSG_START}.neighbours", raw_nb, str(exc)) from None
     timeout = _require(content, "timeout", float, MSG_START)
-    secret = _require(content, "secret", str, MSG_START)
-    return r, manifests, neighbours, timeout, secret
+    return r, manifests, neighbours, timeout
 
 
 def pack_report(report: CompletionReport) -> dict:
