@@ -125,6 +125,9 @@ class ClientManager(BitTorrentManager):
         self._pieces_seen = 0
         self._progress_sent = (-1, -1.0)          # (pieces, time) of the last bt_progress
         self.aggregate_cache: Optional[dict] = None  # shared by in-process clients
+        # Builds the round's session: SwarmSession, or a host's stand-in with
+        # the same interface (the standalone runner's flow level).
+        self.session_factory: Callable[..., Any] = SwarmSession
         for name in wire.PEER_MSG_NAMES:
             worker.register_handlers(name, self.on_peer_message)
         worker.register_handlers(wire.MSG_START, self.on_start)
@@ -202,8 +205,9 @@ class ClientManager(BitTorrentManager):
         self.layout = SwarmLayout(tuple(manifests), experiment=experiment_name(self.worker._cfg))
         storage = self.store.holder_view(round_idx, me)
         now = self.now()
-        self.session = SwarmSession(me, self.layout, storage, self.settings.swarm_config(),
-                                    secret=secret.encode(), now=now)
+        self.session = self.session_factory(me, self.layout, storage,
+                                            self.settings.swarm_config(),
+                                            secret=secret.encode(), now=now)
         self.started_at = now
         self.reported = self.aggregated = False
         self.timeline = [(0.0, self.session.completion())]
