@@ -62,7 +62,7 @@ __all__ = ["FlowSwarm", "FlowResult", "FlowSessionView", "FRAME_OVERHEAD"]
 FRAME_OVERHEAD = 13        # bytes of a piece message's header (length, id, index, begin)
 _INF = math.inf
 # heap event kinds
-_PAIR_UP, _RECEIVE, _VISIBLE, _END_GAME, _CRASH = range(5)
+_PAIR_UP, _RECEIVE, _VISIBLE, _END_GAME, _CRASH, _WINDOW = range(6)
 
 
 @dataclass
@@ -145,12 +145,20 @@ class FlowSwarm:
                 for b in bs_:
                     if b in self.row and b != a:
                         self.nbr[self.row[a], self.row[b]] = self.nbr[self.row[b], self.row[a]] = True
-        # pair cap: the request window (max_requests_per_peer blocks) per round trip
-        rtt = self.lat[:, None] + self.lat[None, :]
-        window = config.max_requests_per_peer * bs * self.wire
-        with np.errstate(divide="ignore"):
-            self.cap = np.where(rtt > 0, window / np.where(rtt > 0, rtt, 1.0), _INF)
-        self.has_caps = bool(np.isfinite(self.cap[self.nbr]).any())
+        # Request window per pair, as PeerState sizes it: min_requests blocks at
+        # first, doubling per round trip in slow start until a queue builds
+        # (the pair's rate is set by a link, not by its window), then
+        # rate x (RTT + request_queue_time), at most max_requests blocks.  A
+        # pair's rate is capped at window / RTT.  rtt[p, c]: request c -> p,
+        # one block back, without queueing.
+        block_wire = bs * self.wire
+        self.rtt = (self.lat[:, None] + self.lat[None, :] + block_wire / self.up[:, None]
+                    + block_wire / self.down[None, :])
+        self.window = np.full((n, n), config.min_requests_per_peer * block_wire)
+        self.max_window = config.max_requests_per_peer * block_wire
+        self.slow_start = np.ones((n, n), dtype=bool)
+        self.window_at = np.full((n, n), start)   # when each window last grew
+        self.window_tick = _INF                   # next pending window update
         # holdings
         self.have = np.zeros((n, P), dtype=bool)
         self.have[owner_row, np.arange(P)] = True
@@ -159,6 +167,7 @@ class FlowSwarm:
         self.arrival = np.full((n, P), _INF)
         self.arrival[self.have] = start
         self.missing = (~self.have).sum(axis=1)
+        self.unfinished = int(np.count_nonzero(self.missing))   # live peers still missing
         # rarest-first keys: availability among neighbours * P + the picker's tie-break rank
         avail = self.nbr.astype(np.int64) @ self.have.astype(np.int64)
         tiebreak = np.empty((n, P), dtype=np.int64)
@@ -166,11 +175,18 @@ class FlowSwarm:
             order = list(range(P))
             random.Random((config.seed * 1_000_003 + pid) & 0xFFFFFFFF).shuffle(order)
             tiebreak[r, order] = np.arange(P)
-        self.key = avail * P + tiebreak
-        self.big = np.iinfo(np.int64).max
+        # keys of pieces not needed (held or being fetched) carry BIG on top, so a
+        # pick is one masked argmin; BIG leaves room for every availability bump
+        self.big = np.int64(1 << 62)
+        self.key = avail * P + tiebreak + np.where(self.need, 0, self.big)
+        self.full_mesh = neighbours is None
+        self.nbr_rows = [np.flatnonzero(self.nbr[h]) for h in range(n)]
         # pairs [sender row, receiver row]
         self.connected = np.zeros((n, n), dtype=bool)
         self.active = np.zeros((n, n), dtype=bool)
+        # connected, idle pairs to live receivers still missing pieces: the
+        # ones a new ``have`` may put to work
+        self.waiting = np.zeros((n, n), dtype=bool)
         self.rate = np.zeros((n, n))
         self.done_at = np.full((n, n), _INF)
         self.left = np.zeros((n, n))             # payload bytes left (valid when rate is 0)
@@ -197,6 +213,7 @@ class FlowSwarm:
         self.seq = 0
         self.events = 0
         self.rate_updates = 0
+        self.rate_iterations = 0
         for a in range(n):
             for b in range(a + 1, n):
                 if self.nbr[a, b]:
@@ -228,11 +245,9 @@ class FlowSwarm:
                         best, best_key = i, k
             if best >= 0:
                 return best
-        cand = self.vis[p] & self.need[c]
-        if not cand.any():
-            return -1
-        keys = np.where(cand, self.key[c], self.big)
-        return int(keys.argmin())
+        keys = np.where(self.vis[p], self.key[c], self.big)
+        j = int(keys.argmin())
+        return j if keys[j] < self.big else -1
 
     def _begin(self, p: int, c: int, i: int, nbytes: float) -> None:
         """Pair p -> c starts sending ``nbytes`` of piece i (rate set later
@@ -245,7 +260,10 @@ class FlowSwarm:
         if self.active[p, c] and self.rate[p, c] > 0:
             self.done_at[p, c] = now + nbytes * self.wire / self.rate[p, c]
         else:
+            if not self.active[p, c]:
+                self.window_at[p, c] = now
             self.active[p, c] = True
+            self.waiting[p, c] = False
             self.left[p, c] = nbytes
             self.done_at[p, c] = _INF
             self.dirty = True
@@ -256,6 +274,7 @@ class FlowSwarm:
         if i < 0:
             return self._end_game(p, c)
         self.need[c, i] = False
+        self.key[c, i] += self.big
         self.assigned_at[c][i] = self.now
         nbytes = self.partial[c].pop(i, None)
         self._begin(p, c, i, self.length[i] if nbytes is None else nbytes)
@@ -268,6 +287,7 @@ class FlowSwarm:
             self.done_at[p, c] = _INF
             self.cur[p, c] = -1
             self.dirty = True
+        self.waiting[p, c] = bool(self.connected[p, c] and self.alive[c] and self.missing[c])
 
     def _end_game(self, p: int, c: int) -> bool:
         """Pair p -> c has nothing new: duplicate an old outstanding piece."""
@@ -319,29 +339,42 @@ class FlowSwarm:
         rate = np.zeros_like(old)
         free = act.copy()
         rem_up, rem_dn = self.up.copy(), self.down.copy()
-        cap = self.cap
+        cap = np.minimum(self.window, self.max_window) / self.rtt
+        # Links whose fair share is within 0.1 % of the bottleneck level
+        # saturate together: far fewer rounds, rates within 0.1 % of exact.
+        iterations = 0
         while True:
-            cu = free.sum(axis=1)
-            cd = free.sum(axis=0)
+            cu = np.count_nonzero(free, axis=1)
             if not cu.any():
                 break
+            cd = np.count_nonzero(free, axis=0)
+            iterations += 1
             with np.errstate(divide="ignore", invalid="ignore"):
-                su = np.where(cu > 0, rem_up / np.maximum(cu, 1), _INF)
-                sd = np.where(cd > 0, rem_dn / np.maximum(cd, 1), _INF)
-            level = min(su.min(), sd.min())
-            if self.has_caps:
-                level = min(level, np.where(free, cap - rate, _INF).min())
-            level = max(level, 0.0)
-            rate[free] += level
+                su = np.where(cu > 0, rem_up / cu, _INF)
+                sd = np.where(cd > 0, rem_dn / cd, _INF)
+            capleft = np.where(free, cap - rate, _INF)
+            level = max(min(su.min(), sd.min(), capleft.min()), 0.0)
+            thr = level * (1 + 1e-3)
+            rate += level * free
             rem_up -= level * cu
             rem_dn -= level * cd
-            sat_u = rem_up <= 1e-9 * self.up
-            sat_d = rem_dn <= 1e-9 * self.down
-            free &= ~sat_u[:, None]
-            free &= ~sat_d[None, :]
-            if self.has_caps:
-                free &= (cap - rate) > 1e-9 * cap
+            free &= ~(su <= thr)[:, None]
+            free &= ~(sd <= thr)[None, :]
+            free &= capleft > thr
+        self.rate_iterations += iterations
         self.rate = rate
+        # a pair held back by a link (not by its window) leaves slow start and
+        # sizes its window from its rate; a pair held back by its window grows it
+        limited = act & (rate >= cap * (1 - 1e-9))
+        linked = act & ~limited
+        if linked.any():
+            self.slow_start &= ~linked
+            self.window[linked] = np.minimum(
+                self.max_window, np.maximum(self.window[linked], rate[linked] * (
+                    self.rtt[linked] + self.config.request_queue_time)))
+        if limited.any() and self.window_tick == _INF:
+            self.window_tick = now + float(self.rtt[limited].min())
+            self._push(self.window_tick, _WINDOW, -1, -1)
         with np.errstate(divide="ignore", invalid="ignore"):
             self.done_at = np.where(act & (rate > 0), now + left * self.wire / rate, _INF)
 
@@ -383,6 +416,8 @@ class FlowSwarm:
         if self.first_piece[c] is None:
             self.first_piece[c] = now
         if self.missing[c] == 0:
+            self.unfinished -= 1
+            self.waiting[:, c] = False
             self.completed_at[c] = now
             self.snap_up[c] = self.bytes_up[c]
             self.snap_down[c] = self.bytes_down[c]
@@ -397,11 +432,14 @@ class FlowSwarm:
         if not self.alive[h]:
             return
         self.vis[h, i] = True
-        nb = self.nbr[h]
-        self.key[nb, i] += self.P
-        idle = self.connected[h] & ~self.active[h] & self.need[:, i] & self.alive
-        for c in np.flatnonzero(idle):
-            self._assign(h, int(c))
+        if self.full_mesh:
+            self.key[:, i] += self.P      # h's own row too: it holds i, never picks it
+        else:
+            self.key[self.nbr_rows[h], i] += self.P
+        waiting = self.waiting[h]
+        if waiting.any():
+            for c in np.flatnonzero(waiting & self.need[:, i]):
+                self._assign(h, int(c))
 
     def _pair_up(self, c: int, p: int) -> None:
         """Receiver c may now request from sender p."""
@@ -414,9 +452,11 @@ class FlowSwarm:
     def _crash(self, k: int) -> None:
         """Peer k's exchange dies: its transfers stop; what it was sending
         resumes elsewhere from the bytes already received."""
-        if not self.alive[k] or self.completed_at[k] is not None and False:
+        if not self.alive[k]:
             return
         self.alive[k] = False
+        if self.missing[k]:
+            self.unfinished -= 1
         self.crashed[self.ids[k]] = self.now
         for c in np.flatnonzero(self.active[k]):
             c = int(c)
@@ -432,19 +472,40 @@ class FlowSwarm:
                 self.serving[c].pop(i, None)
                 self.assigned_at[c].pop(i, None)
                 self.need[c, i] = True
+                self.key[c, i] -= self.big
                 self.partial[c][i] = left
             self._stop(k, c)
         for p in np.flatnonzero(self.active[:, k]):
             self._stop(int(p), k)
         self.connected[k, :] = False
         self.connected[:, k] = False
-        self.key[self.nbr[k]] -= self.P * self.vis[k]
+        self.waiting[k, :] = False
+        self.waiting[:, k] = False
+        self.key[self.nbr_rows[k]] -= self.P * self.vis[k]
         self.serving[k].clear()
         # the peers that lost a sender look for other work
         for c in range(self.n):
             if self.alive[c] and self.missing[c]:
                 for p in np.flatnonzero(self.connected[:, c] & ~self.active[:, c]):
                     self._assign(int(p), c)
+
+    def _grow_windows(self) -> None:
+        """Window-limited pairs grow their windows for the time since the last
+        growth: doubling per RTT in slow start, else by (RTT + queue time) / RTT."""
+        self.window_tick = _INF
+        now = self.now
+        act = self.active
+        cap = np.minimum(self.window, self.max_window) / self.rtt
+        limited = act & (self.rate >= cap * (1 - 1e-9)) & (self.window < self.max_window)
+        if not limited.any():
+            return
+        rtt = self.rtt[limited]
+        steps = (now - self.window_at[limited]) / rtt
+        growth = np.where(self.slow_start[limited], 2.0,
+                          1.0 + self.config.request_queue_time / rtt)
+        self.window[limited] = np.minimum(self.max_window, self.window[limited] * growth ** steps)
+        self.window_at[limited] = now
+        self.dirty = True
 
     def _end_game_check(self, c: int) -> None:
         self.eg_check[c] = _INF
@@ -455,7 +516,7 @@ class FlowSwarm:
 
     # ---- running ----------------------------------------------------------------
     def _finished(self) -> bool:
-        return all(m == 0 or not a for m, a in zip(self.missing, self.alive))
+        return self.unfinished == 0
 
     def run(self, deadline: Optional[float] = None) -> FlowResult:
         """Run until every live peer holds every piece, nothing can move any
@@ -466,7 +527,8 @@ class FlowSwarm:
                     _RECEIVE: lambda a, b: self._receive(a, b),
                     _VISIBLE: lambda a, b: self._visible(a, b),
                     _END_GAME: lambda a, b: self._end_game_check(a),
-                    _CRASH: lambda a, b: self._crash(a)}
+                    _CRASH: lambda a, b: self._crash(a),
+                    _WINDOW: lambda a, b: self._grow_windows()}
         end = self.now
         while not self._finished():
             if self.dirty:
@@ -483,13 +545,14 @@ class FlowSwarm:
                 _, _, kind, a, b = heapq.heappop(heap)
                 self.events += 1
                 handlers[kind](a, b)
-            if t_pair <= t:
-                done = np.flatnonzero(self.done_at <= t)
-                for f in done:
-                    p, c = divmod(int(f), self.n)
-                    if self.active[p, c] and self.done_at[p, c] <= t:
-                        self.events += 1
-                        self._sent(p, c)
+            # every pair due now, before the rates change (one update for all)
+            done_at, n = self.done_at, self.n
+            while t_pair <= t:
+                p, c = divmod(flat, n)
+                self.events += 1
+                self._sent(p, c)
+                flat = int(done_at.argmin())
+                t_pair = done_at.flat[flat]
         return self._result(end, deadline)
 
     def _result(self, end: float, deadline: Optional[float]) -> FlowResult:
