@@ -156,9 +156,25 @@ class ClientManager(BitTorrentManager):
         holds the aggregate), replaced by the current parameters."""
         if content is None or content == wire.NO_WEIGHTS:
             content = self.worker.trainer.get_model_para()
+            if self.last_aggregate is not None:
+                # The aggregate this client loaded at the last round's end: the
+                # same values, and one object for all in-process clients that
+                # hold the same pieces (never mutated), not a copy per client.
+                self.prev_global = self.last_aggregate.state_dict
+                return content
         elif wire.is_packed_weights(content):        # round 0, distributed
             content = wire.unpack_weights(content)
-        self.prev_global = {k: v.detach().clone() for k, v in content.items()}
+        cache = self.aggregate_cache
+        if cache is not None:
+            # Standalone: round 0's broadcast is one object for every client;
+            # one copy of it serves them all.
+            entry = cache.get("initial_model")
+            if entry is None or entry[0] is not content:
+                entry = cache["initial_model"] = (
+                    content, {k: v.detach().clone() for k, v in content.items()})
+            self.prev_global = entry[1]
+        else:
+            self.prev_global = {k: v.detach().clone() for k, v in content.items()}
         return content
 
     def _outgoing(self, message: Any) -> None:
@@ -174,8 +190,11 @@ class ClientManager(BitTorrentManager):
             raise BitTorrentError("model_para", type(params).__name__,
                                   "fs_bittorrent exchanges one state_dict per client")
         round_idx = message.state
-        self.local_model = {k: v.detach().cpu().clone() for k, v in params.items()}
-        manifest, pieces = make_model_manifest(self.local_model, owner=self.worker.ID,
+        # The trained model is kept only where it may be needed (the 'local'
+        # missing policy); its pieces are in the store either way.
+        self.local_model = {k: v.detach().cpu().clone() for k, v in params.items()} \
+            if self.settings.missing_policy == "local" else None
+        manifest, pieces = make_model_manifest(params, owner=self.worker.ID,
                                                round=round_idx, sample_count=int(sample_size),
                                                piece_size=self.settings.piece_size)
         self.store.put_manifest(manifest)

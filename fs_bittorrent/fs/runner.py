@@ -83,6 +83,9 @@ AUTO_FLOW_BLOCKS = 1_000_000
 class BitTorrentStandaloneRunner(StandaloneRunner):
     """Standalone FS runner whose clients swarm on a virtual network."""
 
+    #: reuse the last round's flow schedule when nothing it depends on changed
+    flow_reuse = True
+
     def _set_up(self) -> None:
         super()._set_up()
         self.settings = BitTorrentSettings.from_cfg(self.cfg)
@@ -99,7 +102,6 @@ class BitTorrentStandaloneRunner(StandaloneRunner):
         self._fault_closed: set[tuple[int, int, int]] = set()
         self.crashed: list[tuple[int, int]] = []  # (round, client) crashes injected
         self.levels: dict[int, str] = {}          # round -> 'block' | 'flow' it ran at
-        self.flow_reuse = True                    # reuse an unchanged round's flow schedule
         self.flow_cpu: dict[int, float] = {}      # round -> CPU s of its flow simulation
         self._flow_cache: tuple = ((), None)      # (key, FlowResult) of the last flow round
         self._flow_round: Optional[tuple[int, FlowResult, float]] = None  # (round, result, t0)
