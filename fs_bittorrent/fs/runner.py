@@ -73,11 +73,20 @@ from .wire import MSG_ROUND_END, MSG_START, PEER_MESSAGE_TYPES
 log = logging.getLogger(__name__)
 
 #: ``simulation: auto`` takes the flow level above this many block deliveries
-#: per round.  Measured: the block level costs about 50 us of CPU per block
-#: delivered (64 clients x 2 MB: 516 K blocks, 26 s; docs/benchmarks.md), so
-#: this is about 50 s of CPU per round; below it the block level is cheap
-#: and exact, above it the flow level is within a few percent (measured).
-AUTO_FLOW_BLOCKS = 1_000_000
+#: per round.  Measured in this runner (FS messages, SQLite store): about
+#: 270 us of wall time per block delivered (10 clients x 45 MB: 275 K blocks,
+#: 75 s a round), so this is about a minute per round; below it the block
+#: level is cheap and exact, above it the flow level is within a few percent
+#: (docs/benchmarks.md).  The bare simulator is about 5x cheaper per block.
+AUTO_FLOW_BLOCKS = 200_000
+
+# What handling a message to clients is, for the wall-time split: training
+# (model_para: FS trains, the client cuts and stores its pieces), the
+# exchange (bt_start with the flow simulation, peer messages, network
+# events), aggregation (bt_round_end: store bookkeeping and FedAvg),
+# evaluation; messages to the server count as "server".
+_WALL_PARTS = {"model_para": "training", MSG_ROUND_END: "aggregation",
+               "evaluate": "evaluation", "finish": "evaluation"}
 
 
 class BitTorrentStandaloneRunner(StandaloneRunner):
@@ -102,6 +111,9 @@ class BitTorrentStandaloneRunner(StandaloneRunner):
         self._fault_closed: set[tuple[int, int, int]] = set()
         self.crashed: list[tuple[int, int]] = []  # (round, client) crashes injected
         self.levels: dict[int, str] = {}          # round -> 'block' | 'flow' it ran at
+        # Wall seconds of the run by what the runner was doing (see _WALL_PARTS).
+        self.wall_split: dict[str, float] = dict.fromkeys(
+            ("training", "exchange", "aggregation", "evaluation", "server"), 0.0)
         self.flow_cpu: dict[int, float] = {}      # round -> CPU s of its flow simulation
         self._flow_cache: tuple = ((), None)      # (key, FlowResult) of the last flow round
         self._flow_round: Optional[tuple[int, FlowResult, float]] = None  # (round, result, t0)
@@ -233,29 +245,38 @@ class BitTorrentStandaloneRunner(StandaloneRunner):
         to_server: list = []
         serial = 0
         queue = self.shared_comm_queue
+        split = self.wall_split
+        clock = time.perf_counter
         while True:
+            t0 = clock()
             if queue:
                 msg = queue.popleft()
                 if msg.receiver == [self.server_id]:
                     serial += 1
                     msg.serial_num = serial
                     heapq.heappush(to_server, msg)
-                else:
-                    if msg.msg_type == MSG_START:
-                        self._choose_level(msg)
-                    elif msg.msg_type == MSG_ROUND_END:
-                        self._record_flow_holdings(msg)
-                    self._handle_msg(msg)
-                    if msg.msg_type == MSG_START and self.faults.crash_clients:
-                        self._arm_crashes(msg)
-                    elif msg.msg_type == MSG_ROUND_END:
-                        self._forget_round(msg.state)
-                        for hook in self.round_hooks:
-                            hook(self, msg.state)
+                    continue
+                kind = msg.msg_type
+                if kind == MSG_START:
+                    self._choose_level(msg)
+                elif kind == MSG_ROUND_END:
+                    self._record_flow_holdings(msg)
+                self._handle_msg(msg)
+                if kind == MSG_START and self.faults.crash_clients:
+                    self._arm_crashes(msg)
+                elif kind == MSG_ROUND_END:
+                    self._forget_round(msg.state)
+                    for hook in self.round_hooks:
+                        hook(self, msg.state)
+                part = _WALL_PARTS.get(kind, "exchange")
             elif to_server:
                 self._handle_msg(heapq.heappop(to_server))
-            elif not self.network.step():
+                part = "server"
+            elif self.network.step():
+                part = "exchange"
+            else:
                 break
+            split[part] += clock() - t0
         self._closed.clear()
         self._fault_closed.clear()
         self._generation.clear()
@@ -265,6 +286,7 @@ class BitTorrentStandaloneRunner(StandaloneRunner):
                      self.crashed)
         self.progress.close()
         self.store.close()
+        log.info("wall time: %s", ", ".join(f"{k} {v:.1f} s" for k, v in self.wall_split.items()))
 
 
     # ---- fidelity levels -----------------------------------------------------------
