@@ -17,33 +17,20 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import json
 import os
 import platform
-import random
 import resource
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 
+from bench_exchange import owners  # noqa: E402  (the same random-byte owners)
 from fs_bittorrent.core.config import SwarmConfig  # noqa: E402
-from fs_bittorrent.core.manifest import Manifest, TensorSpec  # noqa: E402
 from fs_bittorrent.sim.scenarios import SCENARIOS, scenario  # noqa: E402
 from fs_bittorrent.sim.swarm import build_swarm, lower_bound  # noqa: E402
-
-
-def owners(n: int, size: int, piece: int):
-    out = {}
-    for o in range(1, n + 1):
-        blob = random.Random(o).randbytes(size)
-        pieces = [blob[i:i + piece] for i in range(0, size, piece)]
-        del blob
-        m = Manifest(o, 0, size, piece, tuple(hashlib.sha256(p).digest() for p in pieces), 1,
-                     (TensorSpec("w", "U8", (size,), 0, size),))
-        out[o] = (m, pieces)
-    return out
 
 
 def run_level(level: str, own, links, piece: int, deadline):

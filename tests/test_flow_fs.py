@@ -1,7 +1,6 @@
 """The flow level in the FederatedScope standalone runner (skipped without FS)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -16,21 +15,14 @@ from fs_bittorrent.fs.config import BitTorrentSettings  # noqa: E402
 from fs_bittorrent.fs.entry import run_experiment  # noqa: E402
 from fs_bittorrent.fs.runner import BitTorrentStandaloneRunner  # noqa: E402
 from fs_bittorrent.store.sqlite_store import SQLitePieceStore  # noqa: E402
-from fs_helpers import BT, toy_cfg  # noqa: E402
+from fs_helpers import BT, round_stats, toy_cfg  # noqa: E402
+from fs_helpers import client_models as models  # noqa: E402
 
 pytestmark = pytest.mark.fs
 
 FLOW = BT + ["bittorrent.simulation", "flow"]
 
 
-def round_stats(runner) -> list[dict]:
-    path = Path(runner.cfg.outdir) / "bittorrent_rounds.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def models(runner) -> dict[int, dict[str, torch.Tensor]]:
-    return {cid: {k: v.detach().clone() for k, v in c.trainer.get_model_para().items()}
-            for cid, c in runner.client.items()}
 
 
 def test_flow_level_gives_the_block_levels_models_and_store(tmp_path):
@@ -96,14 +88,21 @@ def test_flow_level_crash_fault(tmp_path):
     """A client crashing at the start of round 1 sends no report and its
     model never leaves it: the round ends at the deadline with nobody
     complete (insufficient, proceed); it rejoins in round 2."""
-    opts = FLOW + ["bittorrent.faults.crash_clients", "[2]", "bittorrent.faults.crash_round",
-                   "1", "bittorrent.faults.crash_at", "0.0", "bittorrent.timeout", "5.0"]
-    runner, _ = run_experiment(toy_cfg(tmp_path), opts)
+    crash = ["bittorrent.faults.crash_clients", "[2]", "bittorrent.faults.crash_round", "1",
+             "bittorrent.faults.crash_at", "0.0", "bittorrent.timeout", "5.0"]
+    opts = FLOW + crash
+    runner, _ = run_experiment(toy_cfg(tmp_path, name="flow"), opts)
     stats = round_stats(runner)
     assert runner.crashed == [(1, 2)]
     assert stats[1]["reason"] == "insufficient" and "2" not in stats[1]["completion"]
     assert all(0 < v < 1 for v in stats[1]["completion"].values())
     assert stats[0]["reason"] == stats[2]["reason"] == "complete"
+    # the block level ends the same rounds the same way, with the same holdings
+    block, _ = run_experiment(toy_cfg(tmp_path, name="block"),
+                              BT + ["bittorrent.simulation", "block"] + crash)
+    assert set(block.levels.values()) == {"block"}
+    for f, b in zip(stats, round_stats(block)):
+        assert (f["reason"], f["completion"]) == (b["reason"], b["completion"])
 
 
 @pytest.mark.parametrize("opts,why", [
