@@ -43,7 +43,7 @@ DEFAULTS = {
     "min_requests_per_peer": 4, "request_queue_time": 0.05, "request_timeout": 10.0,
     "max_retries": 5, "end_game_threshold": 0, "end_game_delay": 0.5,
     "keepalive_interval": 30.0, "peer_timeout": 120.0, "max_corrupt_pieces": 3,
-    "tick_interval": 0.5, "keep_rounds": 2, "db_dir": "", "secret": "",
+    "tick_interval": 0.5, "simulation": "auto", "keep_rounds": 2, "db_dir": "", "secret": "",
     "dataplane_host": "", "dataplane_port": 0, "seed": -1,
     "topology": "full", "degree": 4, "neighbors": [],
     "network.upload": 100.0, "network.upload_per_client": [], "network.upload_dist": "",
