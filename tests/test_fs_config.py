@@ -43,7 +43,7 @@ DEFAULTS = {
     "min_requests_per_peer": 4, "request_queue_time": 0.05, "request_timeout": 10.0,
     "max_retries": 5, "end_game_threshold": 0, "end_game_delay": 0.5,
     "keepalive_interval": 120.0, "peer_timeout": 300.0, "max_corrupt_pieces": 3,
-    "tick_interval": 0.5, "keep_rounds": 2, "db_dir": "", "secret": "",
+    "tick_interval": 0.5, "simulation": "auto", "keep_rounds": 2, "db_dir": "", "secret": "",
     "encryption": True, "handshake_timeout": 10.0, "max_pending_connections": 64,
     "max_pending_per_address": 8,
     "dataplane_host": "", "dataplane_port": 0, "seed": -1,

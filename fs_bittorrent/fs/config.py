@@ -50,7 +50,7 @@ from ..sim.linkspec import parse_spec
 from ..sim.network import LinkProfile
 
 __all__ = [
-    "NODE", "INSUFFICIENT_POLICIES", "MISSING_POLICIES", "MAX_BLOCK_SIZE",
+    "NODE", "INSUFFICIENT_POLICIES", "MISSING_POLICIES", "SIMULATIONS", "MAX_BLOCK_SIZE",
     "DEFAULT_RATE_MBIT", "DEFAULT_LATENCY", "HELP",
     "extend_bittorrent_cfg", "check_bittorrent_cfg", "register_bittorrent_config",
     "BitTorrentSettings", "unknown_key_hint", "is_unknown_key_error", "type_mismatch_hint",
@@ -60,6 +60,7 @@ __all__ = [
 NODE = "bittorrent"
 INSUFFICIENT_POLICIES = ("proceed", "abort")
 MISSING_POLICIES = ("global", "local")
+SIMULATIONS = ("auto", "block", "flow")
 MAX_BLOCK_SIZE = SwarmConfig.max_block_size     # 128 KiB: larger blocks are refused on the wire
 DEFAULT_RATE_MBIT = 100.0                      # network.upload / network.download default
 DEFAULT_LATENCY = 0.005                        # network.latency default, seconds
@@ -96,6 +97,10 @@ HELP = {
     "peer_timeout": "drop a peer silent for this many seconds; > keepalive_interval",
     "max_corrupt_pieces": "ban a peer after it served this many pieces failing their hash",
     "tick_interval": "seconds between timer ticks of each swarm session",
+    "simulation": "standalone only: 'auto' | 'block' | 'flow': fidelity of the simulated "
+                  "exchange; block moves every block and message, flow moves whole pieces as "
+                  "max-min fair flows (same pieces, same aggregate, coarser timing); auto picks "
+                  "flow for rounds that would cost the block level more than about a minute",
     "keep_rounds": "rounds of pieces kept in the store (>= 1)",
     "db_dir": "directory of the piece store; '' means <outdir>/bittorrent",
     "secret": "plaintext data plane only (encryption False): a shared HMAC secret every "
@@ -178,6 +183,7 @@ def extend_bittorrent_cfg(cfg: CfgNode) -> None:
     bt.peer_timeout = 300.0               # drop a peer silent this long, s (> keepalive_interval)
     bt.max_corrupt_pieces = 3             # ban a peer after this many bad pieces
     bt.tick_interval = 0.5                # s between session timer ticks
+    bt.simulation = 'auto'                # standalone: 'auto' | 'block' | 'flow' (sim/flow.py)
     bt.keep_rounds = 2                    # rounds of pieces kept in the store
     bt.db_dir = ''                        # piece store dir; '' = <outdir>/bittorrent
     bt.secret = ''                        # HMAC secret, plaintext data plane only; '' = none
@@ -261,7 +267,7 @@ _FLOAT_KEYS = ("timeout", "manifest_timeout", "min_completion_ratio", "request_q
                "end_game_delay", "keepalive_interval", "peer_timeout", "tick_interval",
                "handshake_timeout")
 _STR_KEYS = ("insufficient_policy", "missing_policy", "db_dir", "secret", "topology",
-             "dataplane_host")
+             "dataplane_host", "simulation")
 _POSITIVE = ("piece_size", "block_size", "credit_bytes", "max_requests_per_peer",
              "min_requests_per_peer", "max_corrupt_pieces", "timeout", "manifest_timeout",
              "request_queue_time",
@@ -362,6 +368,9 @@ def _check_single(v: dict[str, Any]) -> None:
     if v["missing_policy"] not in MISSING_POLICIES:
         raise ConfigError(_f("missing_policy"), v["missing_policy"],
                           f"must be one of {', '.join(map(repr, MISSING_POLICIES))}")
+    if v["simulation"] not in SIMULATIONS:
+        raise ConfigError(_f("simulation"), v["simulation"],
+                          f"must be one of {', '.join(map(repr, SIMULATIONS))}")
     if v["topology"] not in TOPOLOGIES:
         raise ConfigError(_f("topology"), v["topology"],
                           f"must be one of {', '.join(map(repr, TOPOLOGIES))}")
@@ -471,6 +480,7 @@ class BitTorrentSettings:
     peer_timeout: float = 300.0
     max_corrupt_pieces: int = 3
     tick_interval: float = 0.5
+    simulation: str = "auto"
     keep_rounds: int = 2
     db_dir: str = ""
     secret: str = ""
@@ -541,11 +551,24 @@ class BitTorrentSettings:
             else:  # count unknown yet: check the syntax only
                 count = len(spec) if isinstance(spec, (list, tuple)) else 1
             self._spec(q, count)
+        if self.simulation == "flow" and self.flow_unsupported():
+            raise ConfigError(_f("simulation"), self.simulation,
+                              f"the flow level does not model {self.flow_unsupported()}; "
+                              "use 'block' (or 'auto', which picks block for them)")
         crash = self.faults.crash_clients
         if n > 0 and any(not 1 <= c <= n for c in crash):
             raise ConfigError(_f("faults.crash_clients"), list(crash),
                               f"client ids {[c for c in crash if not 1 <= c <= n]} are "
                               f"outside 1..{n}")
+
+    def flow_unsupported(self) -> str:
+        """What of this configuration only the block level simulates ('' if nothing)."""
+        if self.faults.any:
+            return "per-message faults (bittorrent.faults drop, duplicate, reorder, corrupt, " \
+                   "delay, disconnect)"
+        if self.max_upload_slots:
+            return "capped upload slots (bittorrent.max_upload_slots > 0)"
+        return ""
 
     def _explicit(self) -> list[list[int]]:
         return [list(r) for r in self.neighbors]

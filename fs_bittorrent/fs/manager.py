@@ -126,6 +126,9 @@ class ClientManager(BitTorrentManager):
         self._pieces_seen = 0
         self._progress_sent = (-1, -1.0)          # (pieces, time) of the last bt_progress
         self.aggregate_cache: Optional[dict] = None  # shared by in-process clients
+        # Builds the round's session: SwarmSession, or a host's stand-in with
+        # the same interface (the standalone runner's flow level).
+        self.session_factory: Callable[..., Any] = SwarmSession
         for name in wire.PEER_MSG_NAMES:
             worker.register_handlers(name, self.on_peer_message)
         worker.register_handlers(wire.MSG_START, self.on_start)
@@ -154,9 +157,25 @@ class ClientManager(BitTorrentManager):
         holds the aggregate), replaced by the current parameters."""
         if content is None or content == wire.NO_WEIGHTS:
             content = self.worker.trainer.get_model_para()
+            if self.last_aggregate is not None:
+                # The aggregate this client loaded at the last round's end: the
+                # same values, and one object for all in-process clients that
+                # hold the same pieces (never mutated), not a copy per client.
+                self.prev_global = self.last_aggregate.state_dict
+                return content
         elif wire.is_packed_weights(content):        # round 0, distributed
             content = wire.unpack_weights(content)
-        self.prev_global = {k: v.detach().clone() for k, v in content.items()}
+        cache = self.aggregate_cache
+        if cache is not None:
+            # Standalone: round 0's broadcast is one object for every client;
+            # one copy of it serves them all.
+            entry = cache.get("initial_model")
+            if entry is None or entry[0] is not content:
+                entry = cache["initial_model"] = (
+                    content, {k: v.detach().clone() for k, v in content.items()})
+            self.prev_global = entry[1]
+        else:
+            self.prev_global = {k: v.detach().clone() for k, v in content.items()}
         return content
 
     def _outgoing(self, message: Any) -> None:
@@ -172,8 +191,11 @@ class ClientManager(BitTorrentManager):
             raise BitTorrentError("model_para", type(params).__name__,
                                   "fs_bittorrent exchanges one state_dict per client")
         round_idx = message.state
-        self.local_model = {k: v.detach().cpu().clone() for k, v in params.items()}
-        manifest, pieces = make_model_manifest(self.local_model, owner=self.worker.ID,
+        # The trained model is kept only where it may be needed (the 'local'
+        # missing policy); its pieces are in the store either way.
+        self.local_model = {k: v.detach().cpu().clone() for k, v in params.items()} \
+            if self.settings.missing_policy == "local" else None
+        manifest, pieces = make_model_manifest(params, owner=self.worker.ID,
                                                round=round_idx, sample_count=int(sample_size),
                                                piece_size=self.settings.piece_size)
         self.store.put_manifest(manifest)
@@ -208,8 +230,9 @@ class ClientManager(BitTorrentManager):
         # With encryption the data plane's TLS authenticates peers; the HMAC
         # secret is only for a plaintext data plane, and never sent by anyone.
         secret = b"" if self.certificate else self.settings.secret.encode()
-        self.session = SwarmSession(me, self.layout, storage, self.settings.swarm_config(),
-                                    secret=secret, now=now)
+        self.session = self.session_factory(me, self.layout, storage,
+                                            self.settings.swarm_config(),
+                                            secret=secret, now=now)
         self.started_at = now
         self.reported = self.aggregated = False
         self.timeline = [(0.0, self.session.completion())]

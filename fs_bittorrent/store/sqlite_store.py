@@ -741,6 +741,42 @@ class SQLitePieceStore:
                     self._cv.wait()
             return blob
 
+    def put_refs(self, round: int, holder: int, keys: Any) -> int:
+        """Record that ``holder`` now holds pieces whose bytes are already here.
+
+        ``keys``: ``(source, piece_index)`` pairs.  Each piece's blob must be
+        stored already (put by its owner, verified then): only a reference
+        row is added, so a simulated holder costs a row, not a copy or a
+        hash.  Everything is checked first (manifest known, index in range,
+        blob present); on any error nothing is written.  Returns the rows
+        added (pieces the holder already had are skipped).
+        """
+        r, h = _uint("round", round), _uint("holder", holder)
+        with self._lock:
+            self._check_open()
+            self.flush()                          # the owners' blobs are committed
+            t = float(self._now())
+            rows = []
+            for source, index in keys:
+                s, i = _uint("source", source), _uint("piece_index", index)
+                m = self._manifest(r, s, "source")
+                if i >= m.num_pieces:
+                    raise StoreError("piece_index", i,
+                                     f"owner {s} has {m.num_pieces} pieces in round {r}")
+                rows.append((r, s, i, h, m.piece_hashes[i], m.piece_length(i), t))
+            if not rows:
+                return 0
+            c = self._wconn
+            try:
+                with self._wlock, _Tx(c):
+                    before = c.total_changes
+                    c.executemany(_INSERT_CHUNK, rows)
+                    added = c.total_changes - before
+            except sqlite3.IntegrityError as e:
+                raise StoreError("keys", len(rows),
+                                 f"a piece's bytes are not in the store: {e}") from None
+            return added
+
     def _remember(self, sha: bytes, blob: bytes) -> None:
         rec = self._recent
         if rec.get(sha) is not blob:
