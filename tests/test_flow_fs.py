@@ -55,8 +55,9 @@ def test_flow_level_gives_the_block_levels_models_and_store(tmp_path):
 def test_reused_flow_schedule_never_changes_results(tmp_path, monkeypatch):
     """With a static network and unchanged model sizes each round's schedule
     is the first round's: reusing it gives exactly the figures of
-    simulating every round afresh."""
-    reused, _ = run_experiment(toy_cfg(tmp_path, name="reused"), FLOW)
+    simulating every round afresh.  (Names of equal length: the experiment
+    name travels in control messages, so it shows in ``server_bytes``.)"""
+    reused, _ = run_experiment(toy_cfg(tmp_path, name="reuse"), FLOW)
     monkeypatch.setattr(BitTorrentStandaloneRunner, "flow_reuse", False)
     fresh, _ = run_experiment(toy_cfg(tmp_path, name="fresh"), FLOW)
     assert round_stats(reused) == round_stats(fresh)

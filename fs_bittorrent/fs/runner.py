@@ -59,6 +59,7 @@ from typing import Any, Callable, Optional
 from federatedscope.core.fed_runner import StandaloneRunner
 
 from ..core.faults import flip_byte
+from ..errors import BitTorrentError
 from ..core.messages import Message as PeerMessage
 from ..core.messages import Piece, message_size
 from ..core.session import SwarmSession
@@ -294,8 +295,8 @@ class BitTorrentStandaloneRunner(StandaloneRunner):
         """A ``bt_start`` is about to reach its clients: pick the round's level
         and, at flow level, simulate the round now."""
         try:
-            round_idx, manifests, neighbours, timeout, _ = wire.unpack_start(msg.content)
-        except Exception:       # the clients refuse it themselves, and count it
+            round_idx, manifests, neighbours, timeout = wire.unpack_start(msg.content)
+        except BitTorrentError:     # malformed: the clients refuse it themselves, and count it
             return
         receivers = sorted(msg.receiver if isinstance(msg.receiver, list) else [msg.receiver])
         level = self.settings.simulation
