@@ -34,6 +34,21 @@ class BitTorrentClientMixin:
         msg.content = self.bt.before_training(message.content)
         return super().callback_funcs_for_model_para(msg)
 
+    def _with_global_model(self, message: Any) -> Any:
+        """FS's server sends its global model with ``evaluate`` and ``finish``;
+        the exchange sends none, and the client's own copy takes its place."""
+        if message.content is not None:
+            return message
+        msg = copy.copy(message)
+        msg.content = self.bt.global_model()
+        return msg
+
+    def callback_funcs_for_evaluate(self, message: Any) -> Any:
+        return super().callback_funcs_for_evaluate(self._with_global_model(message))
+
+    def callback_funcs_for_finish(self, message: Any) -> Any:
+        return super().callback_funcs_for_finish(self._with_global_model(message))
+
 
 class BitTorrentServerMixin:
     """Coordinates rounds; never sees a weight after round 0."""
