@@ -159,3 +159,149 @@ def assert_local_params_never_exchanged(runner) -> None:
                 assert not [n for n in names for k in local if k in n], (names, local)
     finally:
         db.close()
+
+
+def test_a_client_with_a_different_aggregate_is_named(tmp_path, monkeypatch):
+    """Client 2's aggregate of round 1 is perturbed after it aggregated: the
+    server's agreement check names it (figures and log); the others agree."""
+    from fs_bittorrent.fs.manager import ClientManager
+    original = ClientManager._aggregate
+
+    def perturbed(self):
+        original(self)
+        if self.worker.ID == 2 and self.round == 1:
+            with torch.no_grad():
+                next(iter(self.fs_agg.models[0].parameters())).add_(1e-3)
+            self.fs_agg._digest = None
+            self.last_digest = self.fs_agg.digest()
+
+    monkeypatch.setattr(ClientManager, "_aggregate", perturbed)
+    runner, _ = run_experiment(toy_cfg(tmp_path, clients=CLIENTS, rounds=3), BT)
+    stats = {s["round"]: s["agreement"] for s in round_stats(tmp_path / "exp")}
+    assert stats[1]["differing"] == [2] and stats[1]["differing_count"] == 1
+    assert stats[1]["agreeing"] == [1, 3] and not stats[1]["agreed"]
+    assert stats[0]["agreed"] and stats[2]["agreed"]   # FedAvg of round 2 re-agrees
+    assert runner.server.bt.disagreements == 1
+    log = next((tmp_path / "exp").rglob("exp_print.log")).read_text()
+    assert "round 1 aggregate: 2 client(s) agree" in log and "DIFFERING: [2]" in log
+    assert re.search(r"ERROR: server: round 1: 1 complete client\(s\) reached a different "
+                     r"aggregate .*: clients \[2\]", log)
+
+
+@pytest.mark.parametrize("opts,fix", [
+    (["asyn.use", "True"], "set asyn.use False"),
+    (["federate.use_ss", "True"], "set federate.use_ss False"),
+    (["vertical.use", "True"], "set vertical.use False"),
+    (["federate.method", "local"], "method 'local' exchanges no models"),
+])
+def test_refused_features_exit_2_saying_what_to_do(tmp_path, capsys, opts, fix):
+    assert run_main(["--cfg", toy_cfg(tmp_path, clients=CLIENTS)] + BT + opts) == 2
+    err = capsys.readouterr().err
+    assert "configuration error" in err and opts[0] in err
+    assert fix in err and "bittorrent.enable False to run plain FederatedScope" in err
+    assert not list(tmp_path.rglob("bittorrent_rounds.jsonl"))
+
+
+def test_server_classes_with_their_own_aggregation_are_refused():
+    """A method whose FS server class replaces the steps the exchange takes
+    over (its own aggregation, model upload handling) cannot be run faithfully."""
+    from federatedscope.core.workers import Client, Server
+    from fs_bittorrent.errors import ConfigError
+    from fs_bittorrent.fs.workers import make_bittorrent_classes
+
+    class OwnAggregationServer(Server):
+        def _perform_federated_aggregation(self):
+            return 0
+
+    with pytest.raises(ConfigError) as err:
+        make_bittorrent_classes(Client, OwnAggregationServer)
+    assert "OwnAggregationServer" in str(err.value)
+    assert "bittorrent.enable False" in str(err.value)
+    make_bittorrent_classes(Client, Server)        # FS's own server: fine
+
+
+def test_a_client_without_an_id_never_publishes_or_swarms(tmp_path):
+    """Distributed clients start as id -1 until the server assigns one."""
+    from federatedscope.core.message import Message
+    from fs_bittorrent.errors import BitTorrentError
+    runner, _ = run_experiment(toy_cfg(tmp_path, clients=CLIENTS, rounds=1), BT)
+    client = runner.client[1]
+    bt = client.bt
+    client.ID = -1
+    published = Message(msg_type="model_para", sender=-1, receiver=[0], state=1,
+                        content=(10, client.trainer.get_model_para()))
+    with pytest.raises(BitTorrentError) as err:
+        bt._publish(published)
+    assert "client id" in str(err.value) and "-1" in str(err.value)
+    errors = bt.protocol_errors
+    bt.on_start(Message(msg_type="bt_start", sender=0, receiver=[-1], state=1, content={}))
+    assert bt.protocol_errors == errors + 1 and bt.round == 0   # still round 0's state
+
+
+def plain_fs_distributed(parts, env, timeout: float = 240.0) -> list[dict]:
+    """Run FS's own distributed mode; its server's results.  FS's processes
+    do not reliably exit by themselves (gRPC threads live on), so they are
+    stopped once the server wrote ``Final`` and every client got ``finish``."""
+    import time
+    from fs_bittorrent.launch import start, stop_all
+    server = parts[0]
+    # FS's own client sends its join once, at start: give its server a head start
+    start(parts, client_delay=4.0, env=env)
+    try:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            logs = list(server.outdir.rglob("eval_results.log"))
+            done = all("received finish message" in p.log_path.read_text(errors="replace")
+                       for p in parts[1:])
+            if done and logs and "'Final'" in logs[0].read_text():
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("plain FS distributed run did not finish in time")
+        return server_results(server.outdir)
+    finally:
+        stop_all(parts)
+
+
+def test_distributed_three_clients_match_plain_fs_distributed(tmp_path):
+    """One process per participant, plain FS's distributed mode against the
+    exchange's, 3 clients, same config and PYTHONHASHSEED.  FS numbers
+    clients in join order, so ids and data may pair differently; the
+    server's results (over all clients) do not depend on that."""
+    import os
+    from fs_bittorrent.launch import plan, run
+    cfg = toy_cfg(tmp_path, clients=CLIENTS, rounds=2, name="dist")
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    bt = ["bittorrent.enable", "True", "bittorrent.piece_size", "128",
+          "bittorrent.block_size", "64", "bittorrent.timeout", "20.0",
+          "bittorrent.tick_interval", "0.1"]
+    theirs = plain_fs_distributed(plan(cfg, CLIENTS, tmp_path / "plain",
+                                       ["bittorrent.enable", "False"]), env)
+    result = run(plan(cfg, CLIENTS, tmp_path / "bt", bt), timeout=240, env=env)
+    assert result.ok, result.log_tail()
+    mine, rounds = server_results(tmp_path / "bt" / "server"), result.rounds
+    assert [r["Round"] for r in mine] == [r["Round"] for r in theirs] == [0, 1, "Final"]
+    for a, b in zip(mine, theirs):
+        assert_close_results(a, b, f"round {b['Round']}")
+    assert [r["round"] for r in rounds] == [0, 1]
+    for r in rounds:
+        assert r["agreement"]["agreed"] and r["agreement"]["agreeing"] == [1, 2, 3]
+
+
+def test_partial_round_of_a_non_linear_rule_uses_whole_models_only(tmp_path):
+    """A slow network cuts every exchange short.  The median is not linear,
+    so a client aggregates only the models that arrived whole (its own at
+    least), logged as such, never a coverage-weighted FedAvg."""
+    opts = BT[:-2] + ["bittorrent.timeout", "0.5", "bittorrent.min_completion_ratio", "0.0",
+                      "bittorrent.network.upload", "0.004", "bittorrent.network.download",
+                      "0.004", "aggregator.robust_rule", "median"]
+    runner, _ = run_experiment(toy_cfg(tmp_path, clients=CLIENTS, rounds=2), opts)
+    stats = round_stats(tmp_path / "exp")
+    assert len(stats) == 2 and all(s["reason"] in ("deadline", "partial") for s in stats)
+    for c in runner.client.values():
+        agg = c.bt.last_aggregate
+        assert c.ID in agg.contributors and len(agg.contributors) < CLIENTS
+        assert agg.coverage == {}                      # FS's rule, not the coverage FedAvg
+        assert all(torch.isfinite(v).all() for v in agg.state_dict.values())
+    log = next((tmp_path / "exp").rglob("exp_print.log")).read_text()
+    assert "MedianAggregator (not linear) aggregates the" in log
