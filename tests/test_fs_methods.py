@@ -37,6 +37,10 @@ MLP = ["model.type", "mlp", "model.hidden", "4", "model.layer", "2"]
 CASES = {
     "fedavg": (2, []),
     "client_sampling": (3, ["federate.sample_client_num", "2"]),
+    # clients not sampled in round 0 get FS's initial model (pFedMe reads it)
+    "client_sampling_pfedme": (3, ["federate.sample_client_num", "2", "federate.method",
+                                   "pfedme", "personalization.beta", "0.5",
+                                   "personalization.K", "2"]),
     "fedprox": (2, ["fedprox.use", "True", "fedprox.mu", "0.1"]),
     "fedopt": (3, ["fedopt.use", "True", "fedopt.optimizer.lr", "0.5"]),
     "fedbn": (2, MLP + ["personalization.local_param", "['norms']"]),
