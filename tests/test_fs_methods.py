@@ -309,3 +309,26 @@ def test_partial_round_of_a_non_linear_rule_uses_whole_models_only(tmp_path):
         assert all(torch.isfinite(v).all() for v in agg.state_dict.values())
     log = next((tmp_path / "exp").rglob("exp_print.log")).read_text()
     assert "MedianAggregator (not linear) aggregates the" in log
+
+
+def test_global_eval_refuses_an_aggregate_that_does_not_match_the_digest(tmp_path, monkeypatch):
+    """make_global_eval: the client asked sends other bits under the agreed
+    digest.  The server recomputes the digest, refuses the model (never
+    evaluates it) and ends the run with an error."""
+    from fs_bittorrent.fs import wire
+    from fs_bittorrent.fs.fs_aggregation import flatten_models
+    from fs_bittorrent.fs.manager import ClientManager
+
+    def lying(self, message):
+        state = flatten_models(self.fs_agg.state())
+        next(iter(state.values())).add_(1.0)
+        self._send(self._message(wire.MSG_AGGREGATE, [self.worker.server_id], self.round,
+                                 wire.pack_aggregate(self.round, self.fs_agg.digest(), state)))
+
+    monkeypatch.setattr(ClientManager, "on_fetch_aggregate", lying)
+    runner, _ = run_experiment(toy_cfg(tmp_path, clients=CLIENTS, rounds=2),
+                               BT + ["federate.make_global_eval", "True"])
+    assert runner.server.bt.protocol_errors == 1
+    assert all(r["Round"] == "Final" for r in server_results(tmp_path / "exp"))  # no round
+    log = next((tmp_path / "exp").rglob("exp_print.log")).read_text()
+    assert "does not match the agreed aggregate" in log and "terminating" in log

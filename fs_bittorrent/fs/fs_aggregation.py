@@ -92,6 +92,14 @@ def state_digest(params: ModelPara) -> str:
     return h.hexdigest()
 
 
+def merge_into(model: torch.nn.Module, result: Mapping[str, Any]) -> None:
+    """Load an aggregation result into a model as FS's server does (keys
+    the result lacks keep their values)."""
+    from federatedscope.core.auxiliaries.utils import merge_param_dict
+    merged = merge_param_dict(model.state_dict().copy(), result)
+    model.load_state_dict(merged, strict=False)
+
+
 def _clone(params: ModelPara) -> ModelPara:
     if isinstance(params, Mapping):
         return {k: v.detach().clone() for k, v in params.items()}
@@ -147,7 +155,7 @@ class FSAggregation:
             raise BitTorrentError("model_para", len(parts),
                                   f"expected {self.model_num} models")
         for model, part in zip(self.models, parts):
-            self._merge(model, part)
+            merge_into(model, part)
         self.loaded = True
         self._digest = None
 
@@ -162,11 +170,6 @@ class FSAggregation:
             self._digest = state_digest(self.state())
         return self._digest
 
-    @staticmethod
-    def _merge(model: torch.nn.Module, result: Mapping[str, Any]) -> None:
-        from federatedscope.core.auxiliaries.utils import merge_param_dict
-        merged = merge_param_dict(model.state_dict().copy(), result)
-        model.load_state_dict(merged, strict=False)
 
     # ---- one round ----------------------------------------------------------
     def aggregate(self, contributions: Sequence[Contribution],
@@ -198,7 +201,7 @@ class FSAggregation:
                 for item in msg_list:
                     aggregator.inc(item)
             result = aggregator.aggregate(agg_info)
-            self._merge(self.models[idx], result)
+            merge_into(self.models[idx], result)
         self._digest = None
 
     def merge_partial(self, flat_result: Mapping[str, torch.Tensor]) -> None:
@@ -207,7 +210,7 @@ class FSAggregation:
         parts = unflatten_models(flat_result, self.model_num)
         parts = [parts] if self.model_num == 1 else parts
         for model, part in zip(self.models, parts):
-            self._merge(model, part)
+            merge_into(model, part)
         self._digest = None
 
     # ---- a cache shared by in-process clients (standalone) -------------------

@@ -45,8 +45,8 @@ from ..errors import BitTorrentError, HandshakeRequired
 from ..sim.swarm import lower_bound
 from . import wire
 from .agreement import Agreement, check_agreement
-from .fs_aggregation import (FSAggregation, aggregate_round, flatten_models, state_digest,
-                             unflatten_models)
+from .fs_aggregation import (FSAggregation, aggregate_round, flatten_models, merge_into,
+                             state_digest, unflatten_models)
 
 log = logging.getLogger(__name__)
 
@@ -695,8 +695,13 @@ class ServerManager(BitTorrentManager):
         w.state = w.total_round_num + 1
 
     def on_aggregate(self, message: Any) -> None:
+        """The agreed aggregate, from the client asked: load it into FS's
+        server models only if its bits have the agreed digest."""
+        w = self.worker
         try:
             round_idx, digest, flat = wire.unpack_aggregate(message.content)
+            params = unflatten_models(flat, len(w.models))
+            actual = state_digest(params)
         except BitTorrentError as exc:
             self._refuse(message, wire.MSG_AGGREGATE, exc)
             return
@@ -704,20 +709,13 @@ class ServerManager(BitTorrentManager):
         if fetch is None or fetch[:2] != (round_idx, message.sender):
             self.stale_messages += 1
             return
-        w = self.worker
-        try:
-            params = unflatten_models(flat, len(w.models))
-            actual = state_digest(params)
-        except BitTorrentError as exc:
-            self._refuse(message, wire.MSG_AGGREGATE, exc)
-            return
         if digest != fetch[2] or actual != fetch[2]:
             self._refuse(message, wire.MSG_AGGREGATE, BitTorrentError(
                 "digest", actual[:12], f"does not match the agreed aggregate {fetch[2][:12]}"))
             self._fail_global_model(round_idx, f"client {message.sender} sent another model")
             return
         for model, part in zip(w.models, [params] if len(w.models) == 1 else params):
-            FSAggregation._merge(model, part)
+            merge_into(model, part)
         self._awaiting = self._fetch = None
         log.info("server: round %s: loaded the agreed aggregate %s from client %s", round_idx,
                  digest[:12], message.sender)
@@ -759,6 +757,9 @@ class ServerManager(BitTorrentManager):
     def _act(self, actions: list) -> None:
         for action in actions:
             if isinstance(action, StartExchange):
+                if self.finished:          # e.g. the manifest deadline after early stopping
+                    log.info("server: round %s not started: FS finished", action.round)
+                    continue
                 self._start(action)
             elif isinstance(action, RoundEnd):
                 self._end(action)
