@@ -45,8 +45,8 @@ from ..errors import BitTorrentError, HandshakeRequired
 from ..sim.swarm import lower_bound
 from . import wire
 from .agreement import Agreement, check_agreement
-from .fs_aggregation import (FSAggregation, aggregate_round, flatten_models, merge_into,
-                             state_digest, unflatten_models)
+from .fs_aggregation import FSAggregation, aggregate_round, flatten_models, unflatten_models
+from .global_model import AgreedModel
 
 log = logging.getLogger(__name__)
 
@@ -496,11 +496,10 @@ class ServerManager(BitTorrentManager):
         cfg = worker._cfg
         # The server itself needs the agreed model: to evaluate it, or to save it.
         self.needs_model = bool(cfg.federate.make_global_eval) or bool(cfg.federate.save_to)
+        self.agreed_model = AgreedModel(self)
         self.agreements: deque = deque(maxlen=ROUND_STATS_KEPT)
         self.disagreements = 0                       # complete clients that differed, all rounds
-        self._awaiting: Optional[int] = None         # round whose agreed model we wait for
-        self._fetch: Optional[tuple[int, int, str]] = None   # (round, client, digest) asked
-        worker.register_handlers(wire.MSG_AGGREGATE, self.on_aggregate)
+        worker.register_handlers(wire.MSG_AGGREGATE, self.agreed_model.on_aggregate)
         worker.register_handlers(wire.MSG_MANIFEST, self.on_manifest)
         worker.register_handlers(wire.MSG_REPORT, self.on_report)
         worker.register_handlers(wire.MSG_STATS, self.on_stats)
@@ -638,8 +637,7 @@ class ServerManager(BitTorrentManager):
             self._stats_due.clear()
             agreement = self._judge(stats)
             self._write_stats(stats)
-            if self._awaiting == agreement.round:
-                self._fetch_agreed(agreement)
+            self.agreed_model.judged(agreement)
 
     def _judge(self, stats: dict) -> Agreement:
         """The round's agreement, into its figures (and the log)."""
@@ -655,71 +653,6 @@ class ServerManager(BitTorrentManager):
                  f"; DIFFERING: {agreement.differing}" if agreement.differing else "",
                  f"; partial: {agreement.partial}" if agreement.partial else "")
         return agreement
-
-    # ---- the server's own copy of the agreed model (make_global_eval / save_to) ----
-    def _fetch_agreed(self, agreement: Agreement) -> None:
-        source = agreement.source()
-        if source is None:
-            self._fail_global_model(agreement.round, "no client reported an agreed aggregate")
-            return
-        self._fetch = (agreement.round, source, agreement.digest)
-        self._send(self._message(wire.MSG_FETCH_AGGREGATE, [source], agreement.round,
-                                 {"round": agreement.round}))
-        r = agreement.round
-        self.scheduler.call_at(self.now() + self.settings.timeout,
-                               lambda: self._global_model_deadline(r, asked=True))
-
-    def _global_model_deadline(self, round_idx: int, asked: bool) -> None:
-        """``timeout`` after the round's end (digests) or after asking for
-        the agreed model (its arrival)."""
-        if self._awaiting != round_idx or asked != (self._fetch is not None):
-            return
-        if asked:
-            self._fail_global_model(round_idx, "the agreed aggregate did not arrive in time")
-            return
-        pending = self._pending_stats
-        if pending is None or pending["round"] != round_idx:
-            self._fail_global_model(round_idx, "the round's figures are gone")
-            return
-        log.warning("server: round %s: not every client's digest came in time; judging "
-                    "with those that did", round_idx)
-        self.flush_stats()            # judges, then asks an agreeing client
-
-    def _fail_global_model(self, round_idx: int, why: str) -> None:
-        """Without the agreed model the server would evaluate a stale one: stop."""
-        log.error("server: round %s: %s; federate.make_global_eval / save_to need it; "
-                  "terminating", round_idx, why)
-        self._awaiting = self._fetch = None
-        w = self.worker
-        w.terminate(msg_type="finish")
-        w.state = w.total_round_num + 1
-
-    def on_aggregate(self, message: Any) -> None:
-        """The agreed aggregate, from the client asked: load it into FS's
-        server models only if its bits have the agreed digest."""
-        w = self.worker
-        try:
-            round_idx, digest, flat = wire.unpack_aggregate(message.content)
-            params = unflatten_models(flat, len(w.models))
-            actual = state_digest(params)
-        except BitTorrentError as exc:
-            self._refuse(message, wire.MSG_AGGREGATE, exc)
-            return
-        fetch = self._fetch
-        if fetch is None or fetch[:2] != (round_idx, message.sender):
-            self.stale_messages += 1
-            return
-        if digest != fetch[2] or actual != fetch[2]:
-            self._refuse(message, wire.MSG_AGGREGATE, BitTorrentError(
-                "digest", actual[:12], f"does not match the agreed aggregate {fetch[2][:12]}"))
-            self._fail_global_model(round_idx, f"client {message.sender} sent another model")
-            return
-        for model, part in zip(w.models, [params] if len(w.models) == 1 else params):
-            merge_into(model, part)
-        self._awaiting = self._fetch = None
-        log.info("server: round %s: loaded the agreed aggregate %s from client %s", round_idx,
-                 digest[:12], message.sender)
-        w.check_and_move_on()
 
     def on_progress(self, message: Any) -> None:
         try:
@@ -819,10 +752,7 @@ class ServerManager(BitTorrentManager):
             w.msg_buffer["train"][w.state].setdefault(cid, (0, None))
         if self.needs_model:
             # FS evaluates (or saves) its own model next: wait for the agreed one.
-            self._awaiting = e.round
-            r = e.round
-            self.scheduler.call_at(self.now() + self.settings.timeout,
-                                   lambda: self._global_model_deadline(r, asked=False))
+            self.agreed_model.wait_for(e.round)
             return
         w.check_and_move_on()
 
