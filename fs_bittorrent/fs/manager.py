@@ -162,7 +162,11 @@ class ClientManager(BitTorrentManager):
 
     def global_model(self) -> Any:
         """What FS's server would send now: the global model this client holds."""
-        return self.fs_agg.state() if self.fs_agg.loaded else None
+        if not self.fs_agg.loaded:
+            log.error("client %s: no global model (round 0's never arrived); FS's handler "
+                      "keeps the model it has", self.worker.ID)
+            return None
+        return self.fs_agg.state()
 
     def before_training(self, content: Any) -> Any:
         """Called with the incoming ``model_para`` content.  Round 0 brings
