@@ -26,7 +26,8 @@ FS traps handled here:
 Validation levels: the type and range of every single key are checked always
 (cheap, even with ``enable`` False); everything else (cross-key constraints,
 the ``SwarmConfig`` checks, topology and network specs against
-``federate.client_num``, ``federate.mode`` and ``federate.make_global_eval``)
+``federate.client_num`` and ``federate.mode``, and the FS features that
+cannot work peer to peer)
 when ``enable`` is True, and in ``BitTorrentSettings.from_cfg``.
 """
 from __future__ import annotations
@@ -417,22 +418,40 @@ def check_bittorrent_cfg(cfg: CfgNode) -> None:
 # typed, validated view
 # --------------------------------------------------------------------------- #
 
-# FS features whose work happens in the server's aggregation, which the
-# exchange replaces with FedAvg at every client: refuse them rather than
-# silently running plain FedAvg.  (key path, value that is fine, why)
-_SERVER_SIDE = (
-    ("fedopt.use", False, "FedOpt applies a server optimizer to the aggregate"),
-    ("aggregator.robust_rule", "fedavg", "robust rules (krum, median, ...) run at the server"),
-    ("asyn.use", False, "asynchronous FL aggregates stale updates at the server"),
-    ("federate.use_ss", False, "secret sharing sums shares through the server"),
-    ("federate.online_aggr", False, "online aggregation happens at the server"),
-    ("quantization.method", "none", "updates are de-quantized at the server"),
-    ("vertical.use", False, "vertical FL has no per-client full models to exchange"),
+# FS features that cannot work peer to peer, with why and what to do.
+# Everything the server computes from the received models alone (FedAvg,
+# FedOpt, robust rules, pFedMe's interpolation, online FedAvg, K models)
+# runs at every client with FS's own aggregator (fs_aggregation.py) and is
+# *not* here.  (key path, value that is fine, why, what to set)
+_REFUSED = (
+    ("asyn.use", False,
+     "asynchronous FL aggregates whatever (stale) updates reach the server by a deadline, "
+     "one at a time; a round-based exchange has no such order every client could share",
+     "set asyn.use False"),
+    ("federate.use_ss", False,
+     "secret sharing exists so that nobody sees a client's model, while the exchange gives "
+     "every client every model",
+     "set federate.use_ss False"),
+    ("vertical.use", False,
+     "vertical FL exchanges embeddings and gradients between parties, not per-client models",
+     "set vertical.use False"),
+    ("quantization.method", "none",
+     "the exchange carries float tensors and does not de-quantize received models",
+     "set quantization.method 'none'"),
+    ("nbafl.use", False,
+     "NbAFL's server adds fresh random noise to the model it broadcasts; the clients hold "
+     "the model and no server broadcast happens",
+     "set nbafl.use False"),
+    ("fedswa.use", False,
+     "FedSWA's server averages its own model history, which the server does not hold",
+     "set fedswa.use False"),
 )
+_NO_COMMUNICATION = ("local", "global")
+_AND_OFF = "bittorrent.enable False to run plain FederatedScope"
 
 
 def _check_server_side_features(cfg: CfgNode) -> None:
-    for path, fine, why in _SERVER_SIDE:
+    for path, fine, why, fix in _REFUSED:
         node: Any = cfg
         for part in path.split("."):
             if not hasattr(node, part):
@@ -442,7 +461,12 @@ def _check_server_side_features(cfg: CfgNode) -> None:
         value = _plain(node)
         if value != fine:
             raise ConfigError(path, value, f"not supported with bittorrent.enable True: {why}; "
-                              f"clients aggregate FedAvg over the exchanged models")
+                              f"{fix}, or set {_AND_OFF}")
+    method = str(_plain(cfg.federate.method)).lower()
+    if method in _NO_COMMUNICATION:
+        raise ConfigError("federate.method", _plain(cfg.federate.method),
+                          f"method {method!r} exchanges no models, so there is nothing to "
+                          f"swarm; set {_AND_OFF}")
 
 
 def _freeze_spec(s: Any) -> Any:
@@ -608,11 +632,6 @@ class BitTorrentSettings:
         kwargs["faults"] = _faults_from_values(v)
         settings = cls(**kwargs, client_num=_plain(federate.client_num),
                        mode=_plain(federate.mode))
-        if settings.enable and _plain(federate.make_global_eval):
-            raise ConfigError("federate.make_global_eval", True,
-                              "must be False when bittorrent.enable is True: the clients, not "
-                              "the server, hold the aggregated model, so the server has no "
-                              "model to evaluate")
         if settings.enable:
             _check_server_side_features(cfg)
         return settings

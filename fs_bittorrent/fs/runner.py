@@ -241,6 +241,13 @@ class BitTorrentStandaloneRunner(StandaloneRunner):
                                       cid, round_idx))
 
     # ---- the loop ----------------------------------------------------------------------
+    def _run_simulation_online(self) -> None:
+        """``federate.online_aggr``: FS's online loop hands a broadcast to one
+        client at a time so its server can add each upload as it arrives.
+        Here each client runs FS's online aggregator itself (in client-id
+        order), and the exchange needs the virtual network: the usual loop."""
+        self._run_simulation()
+
     def _run_simulation(self) -> None:
         """FS's control flow, with virtual time filling the idle gaps."""
         to_server: list = []

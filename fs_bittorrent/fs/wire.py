@@ -36,8 +36,12 @@ MSG_REPORT = "bt_report"          # client -> server: round-tagged completion re
 MSG_ROUND_END = "bt_round_end"    # server -> clients: the exchange of round r is over
 MSG_STATS = "bt_stats"            # client -> server: final byte counts of round r
 MSG_PROGRESS = "bt_progress"      # client -> server: pieces held so far (distributed runs)
+MSG_GLOBAL_INIT = "bt_global_init"          # server -> clients not sampled in round 0: the initial model
+MSG_FETCH_AGGREGATE = "bt_fetch_aggregate"  # server -> an agreeing client: send your aggregate
+MSG_AGGREGATE = "bt_aggregate"              # client -> server: the aggregate (safetensors + digest)
 CONTROL_MSG_NAMES = frozenset({MSG_MANIFEST, MSG_START, MSG_REPORT, MSG_ROUND_END, MSG_STATS,
-                               MSG_PROGRESS})
+                               MSG_PROGRESS, MSG_GLOBAL_INIT, MSG_FETCH_AGGREGATE,
+                               MSG_AGGREGATE})
 
 # FS's protobuf encoding has no None: in distributed runs a message whose
 # weights the exchange replaced carries this text instead (clients map it
@@ -223,12 +227,21 @@ def unpack_report(content: Any) -> CompletionReport:
 
 
 def pack_stats(round_idx: int, bytes_up: int, bytes_down: int, pieces_have: int,
-               aggregate_time: float = 0.0) -> dict:
+               aggregate_time: float = 0.0, digest: str = "") -> dict:
     """A client's final counts of round ``round_idx``, sent at round end:
     they include what it seeded after its completion report, and equal what
-    its store's ``bt_sessions`` row records; plus the seconds its FedAvg took."""
+    its store's ``bt_sessions`` row records; plus the seconds its aggregation
+    took and the sha256 (hex) of the global model it aggregated."""
     return {"round": round_idx, "bytes_up": float(bytes_up), "bytes_down": float(bytes_down),
-            "pieces_have": pieces_have, "aggregate_time": float(aggregate_time)}
+            "pieces_have": pieces_have, "aggregate_time": float(aggregate_time),
+            "digest": digest}
+
+
+def _digest(content: Any, what: str) -> str:
+    digest = _require(content, "digest", str, what)
+    if digest and (len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest)):
+        raise ProtocolError(f"{what}.digest", digest[:80], "must be 64 lowercase hex digits")
+    return digest
 
 
 def unpack_stats(content: Any) -> tuple[int, int, int, int, float]:
@@ -239,6 +252,39 @@ def unpack_stats(content: Any) -> tuple[int, int, int, int, float]:
             _require_count(content, "bytes_up", MSG_STATS),
             _require_count(content, "bytes_down", MSG_STATS),
             _require(content, "pieces_have", int, MSG_STATS), aggregate_time)
+
+
+def unpack_stats_digest(content: Any) -> str:
+    """The aggregate's digest in a ``bt_stats`` ('' when the client has none)."""
+    if isinstance(content, Mapping) and "digest" not in content:
+        return ""
+    return _digest(content, MSG_STATS)
+
+
+def pack_aggregate(round_idx: int, digest: str, state_dict: Mapping[str, Any]) -> dict:
+    """A client's aggregate for the server's own evaluation: safetensors as
+    base64 text (never pickle) and the digest it must match."""
+    return {"round": round_idx, "digest": digest, **pack_weights(state_dict)}
+
+
+def unpack_aggregate(content: Any) -> tuple[int, str, dict]:
+    return (_require(content, "round", int, MSG_AGGREGATE), _digest(content, MSG_AGGREGATE),
+            unpack_weights(content))
+
+
+def pack_round_end(round_idx: int, order: list[int]) -> dict:
+    """The exchange of round ``round_idx`` is over; ``order``: the models'
+    owners in the order the server received them (FS's aggregation order)."""
+    return {"round": round_idx, "order": [int(c) for c in order]}
+
+
+def unpack_order(content: Any) -> list[int]:
+    """The aggregation order of a ``bt_round_end`` ([] = by client id)."""
+    order = content.get("order", []) if isinstance(content, Mapping) else []
+    if not isinstance(order, list) or not all(isinstance(c, int) and not isinstance(c, bool)
+                                              for c in order):
+        raise ProtocolError(f"{MSG_ROUND_END}.order", order, "must be a list of client ids")
+    return order
 
 
 def pack_progress(round_idx: int, pieces_have: int, pieces_total: int) -> dict:
