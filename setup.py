@@ -10,6 +10,8 @@ setup(
     # would let pip pull a multi-GB CUDA build on a fresh machine.
     install_requires=[
         "numpy",
+        # per-run TLS keys and self-signed certificates of the data plane
+        "cryptography>=3.1",
         "safetensors>=0.4",
         "sqlite-utils>=3.30",
         "tqdm",

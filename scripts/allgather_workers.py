@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import logging
 import os
@@ -291,8 +292,9 @@ async def _fsbt_main(spec: dict, rank: int, io: HarnessIO) -> None:
         a, b = m.piece_range(k)
         storage.put(rank, k, m.piece_hashes[k], blob[a:b])
     del blob
-    session = SwarmSession(rank, layout, storage, cfg, secret=spec["secret"].encode(),
-                           now=time.monotonic())
+    # Plaintext fsbt keeps the HMAC handshake; TLS authenticates fsbt-tls.
+    secret = b"" if spec["impl"] == "fsbt-tls" else spec["secret"].encode()
+    session = SwarmSession(rank, layout, storage, cfg, secret=secret, now=time.monotonic())
     served_by_owner = [0] * n
     if spec.get("trace"):
         # Diagnostics only (costs a little per message): which owners' bytes
@@ -307,12 +309,22 @@ async def _fsbt_main(spec: dict, rank: int, io: HarnessIO) -> None:
                     served_by_owner[_owner(m.index)] += len(m.block)
             return out
         session.handle = traced
-    peer = DataPlanePeer(session, ip, 0, **(spec.get("fsbt_host_opts") or {}))
+    identity = None
+    if spec["impl"] == "fsbt-tls":
+        # As a distributed client does: a fresh key, only the certificate
+        # goes out (here through the harness, there through the server).
+        from fs_bittorrent.net.tls import LocalIdentity
+        identity = LocalIdentity.generate()
+    peer = DataPlanePeer(session, ip, 0, identity=identity,
+                         **(spec.get("fsbt_host_opts") or {}))
     await peer.start()
     loop = asyncio.get_running_loop()
-    io.emit("ready", port=peer.port)
+    io.emit("ready", port=peer.port,
+            cert=base64.b64encode(identity.cert_der).decode() if identity else "")
     go = await loop.run_in_executor(None, io.command, "go")
     peers = go["peers"]
+    if identity is not None:
+        peer.set_peers({k: base64.b64decode(c) for k, c in enumerate(go["certs"])})
     await loop.run_in_executor(None, wait_until, go["t0"])
     prof = None
     if spec.get("profile_dir"):
@@ -356,7 +368,7 @@ def run_fsbt(spec: dict, rank: int, io: HarnessIO) -> None:
     asyncio.run(_fsbt_main(spec, rank, io))
 
 
-IMPLS = {"gloo": run_gloo, "libtorrent": run_libtorrent, "fsbt": run_fsbt}
+IMPLS = {"gloo": run_gloo, "libtorrent": run_libtorrent, "fsbt": run_fsbt, "fsbt-tls": run_fsbt}
 
 
 def main() -> None:

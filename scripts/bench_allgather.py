@@ -1,5 +1,9 @@
 """Benchmark: all-gather of model shares among n processes -- gloo, libtorrent, fsbt.
 
+``fsbt`` is this project's data plane in plaintext (HMAC handshake);
+``fsbt-tls`` the same with mutual TLS 1.3 and pinned per-rank certificates,
+as distributed clients run it by default (``bittorrent.encryption``).
+
 Each of n ranks holds a share of S random bytes; at the end every rank holds
 all n shares, checked bit-exact.  One OS process per rank (each in its own
 network namespace with ``--shaped``), so the comparison is the one that
@@ -56,7 +60,7 @@ from netns_hosts import LocalHosts, ShapedHosts  # noqa: E402
 log = logging.getLogger("bench_allgather")
 
 MiB = 1024 * 1024
-ALL_IMPLS = ("gloo", "libtorrent", "fsbt")
+ALL_IMPLS = ("gloo", "libtorrent", "fsbt", "fsbt-tls")
 
 
 # ---- data --------------------------------------------------------------------
@@ -180,7 +184,7 @@ def run_once(impl: str, hosts: Any, spec_base: dict, args: argparse.Namespace,
     os.makedirs(run_dir)
     spec = dict(spec_base, impl=impl, ips=[h.ip for h in hosts], run_dir=run_dir,
                 secret=secrets.token_hex(8))
-    if args.profile and impl == "fsbt":
+    if args.profile and impl.startswith("fsbt"):
         spec["profile_dir"] = os.path.join(job_dir, f"prof_{run_idx}")
         os.makedirs(spec["profile_dir"], exist_ok=True)
     spec_path = os.path.join(job_dir, f"spec_{impl}_{run_idx}.json")
@@ -209,8 +213,9 @@ def run_once(impl: str, hosts: Any, spec_base: dict, args: argparse.Namespace,
             return RunResult(impl, False, note=err + _tail(logs))
         t0 = time.monotonic() + 0.2
         peers = [[hosts[r].ip, ready[r]["port"]] for r in range(n)]
+        certs = [ready[r].get("cert", "") for r in range(n)]
         for w in workers:
-            w.send({"cmd": "go", "t0": t0, "peers": peers})
+            w.send({"cmd": "go", "t0": t0, "peers": peers, "certs": certs})
         done: dict[int, dict] = {}
         err = _collect(events, "done", ranks, args.timeout + 10, done)
         if err:
@@ -350,7 +355,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--impl", default="all",
-                    help="gloo, libtorrent, fsbt, a comma list, or all")
+                    help="gloo, libtorrent, fsbt, fsbt-tls, a comma list, or all")
     ap.add_argument("--n", type=int, default=4, help="ranks")
     ap.add_argument("--mb-per-rank", type=float, default=8, help="share size, MiB")
     ap.add_argument("--piece-kib", type=int, default=1024,
@@ -426,7 +431,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "log_level": "DEBUG" if args.verbose else "WARNING",
             "trace": args.trace,
         }
-        if "fsbt" in impls:
+        if "fsbt" in impls or "fsbt-tls" in impls:
             spec_base["sha256"] = [piece_sha256(p, piece) for p in shares]
         if "libtorrent" in impls:
             spec_base["torrents"] = make_torrents(job_dir, shares, piece)
@@ -443,7 +448,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     res = run_once(impl, hosts, spec_base, args, job_dir, run_idx)
                     run_idx += 1
                     results[impl].append(res)
-                    if args.trace and impl == "fsbt" and res.per_rank:
+                    if args.trace and impl.startswith("fsbt") and res.per_rank:
                         log_upload_matrix(res)
                     if not args.keep:   # downloaded copies: free the tmpfs
                         shutil.rmtree(os.path.join(job_dir, f"run_{run_idx - 1}_{impl}"),

@@ -171,11 +171,12 @@ wire = pytest.importorskip("fs_bittorrent.fs.wire",
 
 def test_control_messages_round_trip():
     ms = tuple(manifest(c) for c in CLIENTS)
-    r, m, addr = wire.unpack_manifest(wire.pack_manifest(0, ms[0]))
-    assert r == 0 and m == ms[0]
-    r, got, nb, timeout, secret = wire.unpack_start(
-        wire.pack_start(0, ms, {1: [2, 3], 2: [1]}, 5.0, "s3cret"))
-    assert got == list(ms) and nb == {1: [2, 3], 2: [1]} and timeout == 5.0 and secret == "s3cret"
+    r, m, addr, cert = wire.unpack_manifest(wire.pack_manifest(0, ms[0]))
+    assert r == 0 and m == ms[0] and addr == "" and cert == ""
+    start = wire.pack_start(0, ms, {1: [2, 3], 2: [1]}, 5.0)
+    assert "secret" not in start           # nothing secret crosses FS's plaintext gRPC
+    r, got, nb, timeout = wire.unpack_start(start)
+    assert got == list(ms) and nb == {1: [2, 3], 2: [1]} and timeout == 5.0
     rep = report(0)
     assert wire.unpack_report(wire.pack_report(rep)) == rep
 

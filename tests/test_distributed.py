@@ -155,3 +155,112 @@ def test_server_shows_a_progress_bar_per_round_fed_by_the_clients(three_rounds):
         assert finals, f"no progress bar for round {rnd}"
         pct, done, total = finals[-1]
         assert pct == "100" and done == total and int(total) > 0, finals[-1]
+
+
+def test_client_data_planes_speak_tls_pinned_and_refused_nothing(three_rounds):
+    """Encryption is on by default: every client's data plane runs TLS 1.3
+    with its own certificate, and no honest connection was refused."""
+    out, result = three_rounds
+    assert result.ok, result.log_tail()
+    fingerprints = set()
+    for i in range(1, 5):
+        log = (out / "logs" / f"client_{i}.log").read_text()
+        m = re.search(r"listening on \S+ \(TLS 1\.3, certificate sha256 ([0-9a-f]{64})\)", log)
+        assert m, log[-2000:]
+        fingerprints.add(m.group(1))
+        closed = next(x for x in log.splitlines() if "data plane closed" in x)
+        assert "handshakes_refused=0" in closed and "connections_capped=0" in closed, closed
+    assert len(fingerprints) == 4                # a key per client
+
+
+def _train_for(seconds: float) -> dict:
+    """Real local training: a small MLP on random data for ``seconds``."""
+    import time
+
+    import torch
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(),
+                                torch.nn.Linear(256, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(512, 256, generator=g), torch.randint(0, 10, (512,), generator=g)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("offloaded", [True, False], ids=["thread", "inline"])
+def test_data_plane_times_out_silent_connections_while_training_runs(offloaded):
+    """FS's model_para handler trains for a while.  Run as the client loop
+    runs it (in the worker thread), a silent connection to the data plane
+    is dropped at its handshake timeout, mid-training, and the handler's
+    send reaches the loop's thread after training.  Inline (the old way),
+    the same connection waits for training to end."""
+    import asyncio
+    import concurrent.futures
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from federatedscope.core.message import Message
+
+    from fs_bittorrent.fs.distributed import OFFLOADED, LoopSends, dispatch, run_offloaded
+    from fs_bittorrent.net.round_dataplane import RoundDataPlane
+    from fs_bittorrent.net.tls import LocalIdentity
+
+    # Training lasts well beyond the handshake timeout, so a loaded machine
+    # (CI shares two cores) cannot blur 'mid-training' and 'after training'.
+    train_s, hs_timeout = 3.0, 0.3
+    events: dict = {}
+
+    def send(message):
+        events["sent_in_thread"] = threading.get_ident()
+        events["sent_at"] = time.monotonic()
+
+    def on_model_para(message):
+        _train_for(train_s)
+        events["trained_at"] = time.monotonic()
+        worker.comm_manager.send(Message(msg_type="model_para", sender=1, receiver=[0]))
+
+    worker = SimpleNamespace(ID=1, msg_handlers={"model_para": on_model_para},
+                             comm_manager=SimpleNamespace(send=send))
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        LoopSends(worker, loop)
+        plane = RoundDataPlane(SimpleNamespace(), handshake_timeout=hs_timeout,
+                               identity=LocalIdentity.generate())
+        await plane.start()
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        try:
+            msg = Message(msg_type="model_para", sender=0, receiver=[1])
+            assert msg.msg_type in OFFLOADED
+            t0 = time.monotonic()
+            reader, writer = await asyncio.open_connection("127.0.0.1", plane.port)
+            await asyncio.sleep(0.02)              # accepted; its handshake clock runs
+            if offloaded:
+                handling = loop.create_task(run_offloaded(pool, worker, msg))
+            else:
+                loop.call_soon(dispatch, worker, msg)
+            assert await asyncio.wait_for(reader.read(), 10) == b""    # dropped by the plane
+            events["dropped_at"] = time.monotonic()
+            writer.close()
+            if offloaded:
+                await handling
+            await asyncio.sleep(0.05)
+            return t0, plane.stats.handshake_timeouts
+        finally:
+            pool.shutdown(wait=True)
+            await plane.close()
+
+    t0, timeouts = asyncio.run(main())
+    assert timeouts == 1
+    assert events["sent_in_thread"] == threading.get_ident()     # the loop's thread
+    assert events["sent_at"] >= events["trained_at"]
+    if offloaded:
+        assert events["dropped_at"] - t0 < hs_timeout + 2.0 < train_s
+        assert events["dropped_at"] < events["trained_at"]       # mid-training
+    else:
+        assert events["dropped_at"] > events["trained_at"]       # deaf until training ended

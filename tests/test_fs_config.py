@@ -42,8 +42,11 @@ DEFAULTS = {
     "max_upload_slots": 0, "credit_bytes": 4194304, "max_requests_per_peer": 64,
     "min_requests_per_peer": 4, "request_queue_time": 0.05, "request_timeout": 10.0,
     "max_retries": 5, "end_game_threshold": 0, "end_game_delay": 0.5,
-    "keepalive_interval": 30.0, "peer_timeout": 120.0, "max_corrupt_pieces": 3, "first_copy_wait": 2.0,
-    "tick_interval": 0.5, "keep_rounds": 2, "db_dir": "", "secret": "",
+    "keepalive_interval": 120.0, "peer_timeout": 300.0, "max_corrupt_pieces": 3,
+    "first_copy_wait": 2.0,
+    "tick_interval": 0.5, "simulation": "auto", "keep_rounds": 2, "db_dir": "", "secret": "",
+    "encryption": True, "handshake_timeout": 10.0, "max_pending_connections": 64,
+    "max_pending_per_address": 8,
     "dataplane_host": "", "dataplane_port": 0, "seed": -1,
     "topology": "full", "degree": 4, "neighbors": [],
     "network.upload": 100.0, "network.upload_per_client": [], "network.upload_dist": "",
@@ -341,7 +344,7 @@ BAD_ENABLED = [  # (opts, field, value) rejected when enable is True
      "bittorrent.block_size", 65536),
     (["bittorrent.credit_bytes", 1000], "bittorrent.credit_bytes", 1000),
     (["bittorrent.min_requests_per_peer", 100], "bittorrent.min_requests_per_peer", 100),
-    (["bittorrent.keepalive_interval", 200.0], "bittorrent.keepalive_interval", 200.0),
+    (["bittorrent.keepalive_interval", 400.0], "bittorrent.keepalive_interval", 400.0),
     (["bittorrent.topology", "explicit", "bittorrent.neighbors", [[1, 2, 99], [2, 3], [3, 4]]],
      "bittorrent.neighbors", [99]),
     (["bittorrent.topology", "explicit", "bittorrent.neighbors", [[1, 2], [3, 4]]],
@@ -359,7 +362,6 @@ BAD_ENABLED = [  # (opts, field, value) rejected when enable is True
     (["bittorrent.network.upload_dist", "uniform(1, 2)",
       "bittorrent.network.upload_per_client", [1, 2, 3, 4]],
      "bittorrent.network.upload_dist", "uniform(1, 2)"),
-    (["federate.make_global_eval", True], "federate.make_global_eval", True),
 ]
 
 
@@ -378,11 +380,11 @@ def test_bad_enabled_configs(tmp_path, opts, field, value):
     assert_config_error(ei, field, value)
 
 
-def test_make_global_eval_reason(tmp_path):
+def test_make_global_eval_is_accepted(tmp_path):
+    """The server fetches the clients' agreed aggregate to evaluate it."""
     cfg = make_cfg(tmp_path)
-    with pytest.raises(ConfigError) as ei:
-        cfg.merge_from_list(["bittorrent.enable", True, "federate.make_global_eval", True])
-    assert "clients, not the server, hold the aggregated model" in ei.value.reason
+    cfg.merge_from_list(["bittorrent.enable", True, "federate.make_global_eval", True])
+    assert cfg.federate.make_global_eval is True
 
 
 def test_bad_mode_direct_check(tmp_path):
@@ -552,12 +554,15 @@ def test_module_all_exports():
         assert hasattr(btc, name)
 
 
-@pytest.mark.parametrize("opts,field", [
-    (["fedopt.use", "True"], "fedopt.use"),
-    (["aggregator.robust_rule", "krum"], "aggregator.robust_rule"),
-    (["asyn.use", "True"], "asyn.use"),
+@pytest.mark.parametrize("opts,field,fix", [
+    (["asyn.use", "True"], "asyn.use", "set asyn.use False"),
+    (["federate.use_ss", "True"], "federate.use_ss", "set federate.use_ss False"),
+    (["vertical.use", "True"], "vertical.use", "set vertical.use False"),
+    (["quantization.method", "uniform"], "quantization.method", "set quantization.method"),
+    (["nbafl.use", "True"], "nbafl.use", "set nbafl.use False"),
+    (["federate.method", "local"], "federate.method", "bittorrent.enable False"),
 ])
-def test_server_side_aggregation_features_are_refused_when_enabled(opts, field):
+def test_features_that_cannot_work_peer_to_peer_are_refused_when_enabled(opts, field, fix):
     from fs_bittorrent.errors import ConfigError
     from federatedscope.core.configs.config import global_cfg
     cfg = global_cfg.clone()
@@ -566,4 +571,17 @@ def test_server_side_aggregation_features_are_refused_when_enabled(opts, field):
     cfg.merge_from_list(["bittorrent.enable", "False"])  # fine while disabled
     with pytest.raises(ConfigError) as err:
         cfg.merge_from_list(["bittorrent.enable", "True"])
-    assert err.value.field == field and "not supported" in str(err.value)
+    assert err.value.field == field
+    # every refusal says what to do: the key to change, or the exchange off
+    assert fix in str(err.value) and "bittorrent.enable False" in str(err.value)
+
+
+@pytest.mark.parametrize("opts", [["fedopt.use", "True"], ["aggregator.robust_rule", "krum"],
+                                  ["federate.online_aggr", "True"]])
+def test_server_aggregation_features_run_at_every_client(opts):
+    """FS's own aggregator runs at every client: no refusal."""
+    from federatedscope.core.configs.config import global_cfg
+    cfg = global_cfg.clone()
+    cfg.federate.client_num = 4
+    cfg.merge_from_list(opts + ["bittorrent.enable", "True"])
+    assert cfg.bittorrent.enable is True

@@ -5,7 +5,6 @@ FS's toy data set and logistic regression: no download, seconds per run.
 from __future__ import annotations
 
 import ast
-import json
 import os
 import re
 import subprocess
@@ -21,18 +20,10 @@ import torch  # noqa: E402
 
 from fs_bittorrent.fs.entry import main as run_main  # noqa: E402
 from fs_bittorrent.fs.entry import run_experiment  # noqa: E402
-from fs_helpers import BT, toy_cfg  # noqa: E402
+from fs_helpers import BT, client_models, round_stats, toy_cfg  # noqa: E402
 
 pytestmark = pytest.mark.fs
 
-def round_stats(runner) -> list[dict]:
-    path = Path(runner.cfg.outdir) / "bittorrent_rounds.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def client_models(runner) -> dict[int, dict[str, torch.Tensor]]:
-    return {cid: {k: v.detach().clone() for k, v in c.trainer.get_model_para().items()}
-            for cid, c in runner.client.items()}
 
 
 @pytest.mark.parametrize("clients", [4, 16])

@@ -10,7 +10,6 @@ aggregated.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import random
@@ -241,14 +240,7 @@ FS_FAULTS = {
 }
 
 
-def round_stats(runner) -> list[dict]:
-    path = Path(runner.cfg.outdir) / "bittorrent_rounds.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def client_models(runner) -> dict:
-    return {cid: {k: v.detach().clone() for k, v in c.trainer.get_model_para().items()}
-            for cid, c in runner.client.items()}
+from fs_helpers import client_models, round_stats  # noqa: E402  (plain helpers, no FS import)
 
 
 def assert_models_equal(models: dict, reference: dict) -> None:

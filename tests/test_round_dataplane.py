@@ -8,120 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
 import pytest
 
 from fs_bittorrent.core.codec import encode
-from fs_bittorrent.core.config import SwarmConfig
 from fs_bittorrent.core.faults import Faults
 from fs_bittorrent.core.layout import SwarmLayout, make_auth
 from fs_bittorrent.core.messages import Handshake
-from fs_bittorrent.core.session import Close, SwarmSession
-from fs_bittorrent.core.storage import ContentPool
-from fs_bittorrent.errors import BitTorrentError
-from fs_bittorrent.net.round_dataplane import RoundDataPlane
 
-from swarm_helpers import CheckingStorage, blob_from_storage, expected_hashes, random_owners
+from swarm_helpers import blob_from_storage, random_owners
 
-PIECE = 32 * 1024
-CFG = SwarmConfig(piece_size=PIECE, block_size=16 * 1024, request_timeout=2.0,
-                  handshake_retry=0.5, interest_retry=0.5, credit_bytes=1024 * 1024)
-SECRET = b"experiment secret"
-
-
-class Peer:
-    """What ``ClientManager`` does for the plane: sessions per round, ticks."""
-
-    def __init__(self, pid: int, secret: bytes = SECRET, handshake_timeout: float = 3.0,
-                 faults: Faults = Faults()):
-        self.pid = pid
-        self.secret = secret
-        self.plane = RoundDataPlane(self, handshake_timeout=handshake_timeout, faults=faults,
-                                    fault_seed=11)
-        self.session = None
-        self.round = None
-        self.storage = None
-        self.lost: list[tuple[int, int]] = []
-        self.errors: list[str] = []
-
-    def begin(self, rnd: int, owners, addresses, connect: bool = True) -> None:
-        layout = SwarmLayout(tuple(m for m, _ in owners.values()), experiment="t")
-        self.storage = CheckingStorage(expected_hashes(owners), ContentPool())
-        if self.pid in owners:
-            m, pieces = owners[self.pid]
-            for k, data in enumerate(pieces):
-                self.storage.put(self.pid, k, m.piece_hashes[k], data)
-        loop = asyncio.get_running_loop()
-        self.session = SwarmSession(self.pid, layout, self.storage, CFG, secret=self.secret,
-                                    now=loop.time())
-        self.round = rnd
-        self.plane.begin_round(rnd, self.session, addresses)
-        if connect:
-            for q in sorted(addresses):
-                if q > self.pid:
-                    self.emit(self.session.connect(q, loop.time()))
-
-    def emit(self, out) -> None:
-        for dst, msg in out:
-            if isinstance(msg, Close):
-                self.plane.close_peer(self.pid, dst, self.round)
-            else:
-                self.plane.send_peer(self.pid, dst, self.round, msg)
-
-    # RoundHandler
-    def handle_peer(self, peer: int, rnd: int, msg) -> None:
-        assert rnd == self.round
-        try:
-            self.emit(self.session.handle(peer, msg, asyncio.get_running_loop().time()))
-        except BitTorrentError as exc:
-            self.errors.append(str(exc))
-            self.plane.close_peer(self.pid, peer, rnd)
-
-    def peer_closed(self, peer: int, rnd: int) -> None:
-        self.lost.append((peer, rnd))
-        if self.session is not None and rnd == self.round:
-            self.session.peer_lost(peer, asyncio.get_running_loop().time())
-
-    def reconnect(self, peer: int, rnd: int) -> None:
-        if self.session is not None and rnd == self.round:
-            self.emit(self.session.connect(peer, asyncio.get_running_loop().time()))
-
-    def tick(self) -> None:
-        if self.session is not None and not self.session.closed:
-            self.emit(self.session.tick(asyncio.get_running_loop().time()))
-
-
-async def ticking(peers, until, timeout: float) -> bool:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while loop.time() < end:
-        if until():
-            return True
-        for p in peers:
-            p.tick()
-        await asyncio.sleep(0.02)
-    return until()
-
-
-def addresses(peers) -> dict[int, tuple[str, int]]:
-    return {p.pid: ("127.0.0.1", p.plane.port) for p in peers}
-
-
-async def started(n: int, **kw) -> list[Peer]:
-    peers = [Peer(i, **kw) for i in range(1, n + 1)]
-    # Ids as the manager has them: the plane learns its id from the session.
-    for p in peers:
-        p.plane.peer_id = p.pid
-    for p in peers:
-        await p.plane.start()
-    return peers
-
-
-async def close_all(peers) -> None:
-    for p in peers:
-        p.plane.end_round()
-        await p.plane.close()
-
+from dataplane_helpers import (CFG, PIECE, SECRET, Peer, addresses, close_all,  # noqa: F401
+                               started, ticking)
 
 def test_three_rounds_on_one_listener_bit_exact_and_connections_per_round():
     async def main():
@@ -245,11 +144,16 @@ def _refusals(caplog):
                     reply = await raw_handshake(b.plane.port, hs)
                     assert reply == b""                      # closed, nothing said
                     assert words in b.plane.stats.errors[-1], b.plane.stats.errors
+                b.plane.alarms.flush()
             assert b.plane.stats.handshakes_refused == 3
             assert b.plane.connected_peers == []
             assert set(b.storage.keys()) == held_before
             assert b.session.peers == {}
-            assert sum("dropping" in r.message for r in caplog.records) == 3
+            # Logged as they happen, at a bounded rate: every refusal is counted.
+            warned = [r.message for r in caplog.records
+                      if r.levelno == logging.WARNING and "refused" in r.message]
+            assert sum(int(re.search(r"refused (\d+) connection", m).group(1))
+                       for m in warned) == 3, warned
         finally:
             await close_all([b])
 

@@ -773,3 +773,42 @@ def test_killed_client_store_reopens_and_rejoins_its_round_and_the_next(tmp_path
         assert s.rounds() == [killed, nxt]
     found = check_db_consistent(path)
     assert set(found["per_round"]) == {killed, nxt}
+
+
+# ---------------------------------------------------------------------------
+# reference rows for simulated holders (put_refs)
+# ---------------------------------------------------------------------------
+
+def test_put_refs_adds_holders_by_reference(store):
+    """A simulated holder costs a row: same blob, no new bytes."""
+    m, pieces = make_owner(1, 0, 3)
+    store.put_manifest(m)
+    for k, p in enumerate(pieces):
+        store.put_piece(0, 1, k, 1, p)
+    store.flush()
+    before = counts(store)
+    assert store.put_refs(0, 2, [(1, 0), (1, 2)]) == 2
+    assert store.put_refs(0, 2, [(1, 0)]) == 0          # already held: skipped
+    after = counts(store)
+    assert after["bt_blobs"] == before["bt_blobs"] and after["blob_bytes"] == before["blob_bytes"]
+    assert after["bt_chunks"] == before["bt_chunks"] + 2
+    assert store.held_pieces(0, 2) == {(1, 0), (1, 2)}
+    assert store.get_piece(0, 1, 2, holder=2) == pieces[2]
+
+
+@pytest.mark.parametrize("keys,field", [([(1, 0), (1, 7)], "piece_index"),
+                                        ([(1, 0), (5, 0)], "source"),
+                                        ([(1, 0), (2, 0)], "keys")])
+def test_put_refs_refuses_bad_keys_and_writes_nothing(store, keys, field):
+    m, pieces = make_owner(1, 0, 3)
+    store.put_manifest(m)
+    for k, p in enumerate(pieces):
+        store.put_piece(0, 1, k, 1, p)
+    m2, _ = make_owner(2, 0, 1)
+    store.put_manifest(m2)                  # owner 2's manifest, but none of its bytes
+    store.flush()
+    before = counts(store)
+    with pytest.raises(StoreError) as e:
+        store.put_refs(0, 3, keys)
+    assert e.value.field == field
+    assert counts(store) == before and store.held_pieces(0, 3) == set()

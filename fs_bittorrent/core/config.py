@@ -25,11 +25,11 @@ class SwarmConfig:
     max_upload_slots: int = 0           # peers unchoked at once; 0 = every interested peer
     unchoke_interval: float = 10.0      # rotation period when slots are capped
     request_timeout: float = 10.0       # a block not answered by then is re-requested elsewhere
-    max_retries: int = 5                # timeout rounds in a row before a peer is dropped as dead
+    max_retries: int = 5                # timeout rounds in a row tolerated; the next drops the peer
     end_game_threshold: int = 0         # enter end game also when <= this many blocks are unrequested
     end_game_delay: float = 0.5         # duplicate only blocks outstanding at least this long
-    keepalive_interval: float = 30.0    # send a keep-alive after this much silence
-    peer_timeout: float = 120.0         # drop a peer silent for this long
+    keepalive_interval: float = 120.0   # send a keep-alive after this much silence (BitTorrent: 2 min)
+    peer_timeout: float = 300.0         # drop a peer silent this long (> keep-alive: one lost keep-alive is no drop)
     handshake_retry: float = 5.0        # resend an unanswered handshake after this long
     interest_retry: float = 5.0         # re-assert interest when choked this long
     max_corrupt_pieces: int = 3         # a peer that served this many bad pieces is banned

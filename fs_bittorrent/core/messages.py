@@ -120,7 +120,11 @@ class Cancel:
 
 @dataclass(frozen=True)
 class Credit:
-    """Receiver-advertised credit: bytes of requested blocks it accepts in flight."""
+    """Receiver-advertised credit: bytes of requested blocks it accepts in flight.
+
+    A session accepts it (it replaces the credit the peer advertised in its
+    handshake) but never sends one: this implementation's credit is fixed
+    per session."""
 
     credit: int
     msg_id: ClassVar[int] = CREDIT

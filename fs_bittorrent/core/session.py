@@ -394,8 +394,9 @@ class SwarmSession:
             out.append(self._send(p, self._handshake(), now))
         out.append(self._send(p, Bitfield(encode_bits(self.have, self.layout.num_pieces)), now))
         if self.config.max_upload_slots == 0:
-            # Cooperative swarm: nobody is ever choked, so do not make the peer
-            # wait a round trip (interested -> unchoke) before it may request.
+            # Cooperative swarm: every interested peer is unchoked (only a peer
+            # that says not-interested is choked), so do not make the peer wait
+            # a round trip (interested -> unchoke) before it may request.
             out.extend(self._unchoke(p, now))
         # An owner always holds its own pieces: known even if its bitfield is lost.
         implicit = list(self.layout.owner_range(peer)) if peer in self.layout.owners else []

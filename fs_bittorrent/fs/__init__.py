@@ -9,6 +9,6 @@ from .config import register_bittorrent_config
 
 register_bittorrent_config()
 
-from .data import register_synthetic_images  # noqa: E402
+from .data import register_data_types  # noqa: E402
 
-register_synthetic_images()
+register_data_types()

@@ -26,7 +26,8 @@ FS traps handled here:
 Validation levels: the type and range of every single key are checked always
 (cheap, even with ``enable`` False); everything else (cross-key constraints,
 the ``SwarmConfig`` checks, topology and network specs against
-``federate.client_num``, ``federate.mode`` and ``federate.make_global_eval``)
+``federate.client_num`` and ``federate.mode``, and the FS features that
+cannot work peer to peer)
 when ``enable`` is True, and in ``BitTorrentSettings.from_cfg``.
 """
 from __future__ import annotations
@@ -50,7 +51,7 @@ from ..sim.linkspec import parse_spec
 from ..sim.network import LinkProfile
 
 __all__ = [
-    "NODE", "INSUFFICIENT_POLICIES", "MISSING_POLICIES", "MAX_BLOCK_SIZE",
+    "NODE", "INSUFFICIENT_POLICIES", "MISSING_POLICIES", "SIMULATIONS", "MAX_BLOCK_SIZE",
     "DEFAULT_RATE_MBIT", "DEFAULT_LATENCY", "HELP",
     "extend_bittorrent_cfg", "check_bittorrent_cfg", "register_bittorrent_config",
     "BitTorrentSettings", "unknown_key_hint", "is_unknown_key_error", "type_mismatch_hint",
@@ -60,6 +61,7 @@ __all__ = [
 NODE = "bittorrent"
 INSUFFICIENT_POLICIES = ("proceed", "abort")
 MISSING_POLICIES = ("global", "local")
+SIMULATIONS = ("auto", "block", "flow")
 MAX_BLOCK_SIZE = SwarmConfig.max_block_size     # 128 KiB: larger blocks are refused on the wire
 DEFAULT_RATE_MBIT = 100.0                      # network.upload / network.download default
 DEFAULT_LATENCY = 0.005                        # network.latency default, seconds
@@ -81,24 +83,41 @@ HELP = {
                            "min_completion_ratio of the clients completed at the deadline",
     "missing_policy": "'global' | 'local': value for model elements nobody delivered: the "
                       "previous global model, or the client's own trained model",
-    "max_upload_slots": "peers unchoked at once; 0 = every interested peer",
+    "max_upload_slots": "peers unchoked at once; 0 = every interested peer (a peer that says "
+                        "not-interested is choked)",
     "credit_bytes": "bytes of requested blocks a peer accepts in flight",
     "max_requests_per_peer": "request pipeline cap per peer",
     "min_requests_per_peer": "request pipeline floor per peer (before a rate is measured)",
     "request_queue_time": "queueing delay the request window may build (seconds); window = rate x (path RTT + this)",
     "request_timeout": "seconds before an unanswered block is re-requested elsewhere",
-    "max_retries": "request timeouts in a row before a peer is dropped as dead",
+    "max_retries": "request-timeout rounds in a row a peer may have; the next one drops it "
+                   "as dead (it is dropped at max_retries + 1)",
     "end_game_threshold": "also enter end game when <= this many blocks are unrequested",
     "end_game_delay": "in end game, duplicate only blocks outstanding this long (seconds)",
-    "keepalive_interval": "send a keep-alive after this many seconds of silence",
-    "peer_timeout": "drop a peer silent for this many seconds",
+    "keepalive_interval": "send a keep-alive after this many seconds of silence; < peer_timeout",
+    "peer_timeout": "drop a peer silent for this many seconds; > keepalive_interval",
     "max_corrupt_pieces": "ban a peer after it served this many pieces failing their hash",
     "first_copy_wait": "first-copy plan: an owner's piece is asked of the owner by one designated "
                        "peer until others hold it; dropped after idling this many seconds (0 = off)",
     "tick_interval": "seconds between timer ticks of each swarm session",
+    "simulation": "standalone only: 'auto' | 'block' | 'flow': fidelity of the simulated "
+                  "exchange; block moves every block and message, flow moves whole pieces as "
+                  "max-min fair flows (same pieces, same aggregate, coarser timing); auto picks "
+                  "flow for rounds that would cost the block level more than about a minute",
     "keep_rounds": "rounds of pieces kept in the store (>= 1)",
     "db_dir": "directory of the piece store; '' means <outdir>/bittorrent",
-    "secret": "shared handshake secret; '' means a random per-run secret",
+    "secret": "plaintext data plane only (encryption False): a shared HMAC secret every "
+              "process reads from its own config (never sent over the network); '' = none",
+    "encryption": "distributed only: mutual TLS 1.3 on every data-plane connection, peers "
+                  "pinned to the certificates the server relays; False = plaintext, "
+                  "unauthenticated (trusted cluster only)",
+    "handshake_timeout": "distributed only: seconds an accepted data-plane connection has to "
+                         "complete TLS and the handshake (also how long it may wait for a "
+                         "round this client has not begun)",
+    "max_pending_connections": "distributed only: unauthenticated data-plane connections "
+                               "accepted at once from addresses that are not a member's",
+    "max_pending_per_address": "distributed only: unauthenticated data-plane connections "
+                               "accepted at once from one source address",
     "dataplane_host": "distributed only: address this client's data plane listens on and "
                       "publishes to its peers; '' = distribute.client_host",
     "dataplane_port": "distributed only: TCP port of this client's data plane; 0 = any free port",
@@ -123,7 +142,8 @@ HELP = {
                                   "[] = use network.latency",
     "network.latency_dist": "standalone only: latency in seconds drawn per client (forms as "
                             "network.upload_dist); '' = use network.latency",
-    "faults.drop": "fault injection, standalone: probability that a peer message is lost",
+    "faults.drop": "fault injection (standalone runner and distributed data plane): "
+                   "probability that a peer message is lost",
     "faults.duplicate": "fault injection: probability that a peer message arrives twice",
     "faults.reorder": "fault injection: probability that a peer message is held up to "
                       "faults.reorder_delay seconds, so later ones overtake it",
@@ -162,14 +182,19 @@ def extend_bittorrent_cfg(cfg: CfgNode) -> None:
     bt.max_retries = 5                    # timeouts in a row before a peer is dropped
     bt.end_game_threshold = 0             # also enter end game at <= this many unrequested blocks
     bt.end_game_delay = 0.5               # end game duplicates blocks outstanding >= this long, s
-    bt.keepalive_interval = 30.0          # keep-alive after this much silence, s
-    bt.peer_timeout = 120.0               # drop a peer silent this long, s
+    bt.keepalive_interval = 120.0         # keep-alive after this much silence, s (BitTorrent: 2 min)
+    bt.peer_timeout = 300.0               # drop a peer silent this long, s (> keepalive_interval)
     bt.max_corrupt_pieces = 3             # ban a peer after this many bad pieces
     bt.first_copy_wait = 2.0              # first-copy plan; dropped after idling this long, s (0 = off)
     bt.tick_interval = 0.5                # s between session timer ticks
+    bt.simulation = 'auto'                # standalone: 'auto' | 'block' | 'flow' (sim/flow.py)
     bt.keep_rounds = 2                    # rounds of pieces kept in the store
     bt.db_dir = ''                        # piece store dir; '' = <outdir>/bittorrent
-    bt.secret = ''                        # handshake secret; '' = random per-run secret
+    bt.secret = ''                        # HMAC secret, plaintext data plane only; '' = none
+    bt.encryption = True                  # distributed: mutual TLS 1.3, pinned certificates
+    bt.handshake_timeout = 10.0           # s for an accepted connection's TLS + handshake
+    bt.max_pending_connections = 64       # unauthenticated connections from non-members
+    bt.max_pending_per_address = 8        # unauthenticated connections per source address
     bt.dataplane_host = ''                # distributed: data plane address; '' = distribute.client_host
     bt.dataplane_port = 0                 # distributed: data plane TCP port; 0 = any free port
     bt.seed = -1                          # exchange seed; -1 = cfg.seed
@@ -191,7 +216,8 @@ def extend_bittorrent_cfg(cfg: CfgNode) -> None:
     bt.network.latency_per_client = []    # seconds, one per client
     bt.network.latency_dist = ''          # e.g. 'choice(0.001,0.05)'
 
-    # Fault injection on the peer messages (standalone runner), seeded by the
+    # Fault injection on the peer messages (standalone runner and distributed
+    # data plane), seeded by the
     # exchange seed.  Everything off by default.  See core/faults.py.
     bt.faults = CN()
     bt.faults.drop = 0.0                  # probability a peer message is lost
@@ -240,16 +266,17 @@ _NETWORK_KEYS = tuple(f"{q}{sfx}" for q in _QUANTITIES for sfx in ("", "_per_cli
 _INT_KEYS = ("piece_size", "block_size", "max_upload_slots", "credit_bytes",
              "max_requests_per_peer", "min_requests_per_peer", "max_retries",
              "end_game_threshold", "max_corrupt_pieces", "keep_rounds", "seed", "degree",
-             "dataplane_port")
+             "dataplane_port", "max_pending_connections", "max_pending_per_address")
 _FLOAT_KEYS = ("timeout", "manifest_timeout", "min_completion_ratio", "request_queue_time", "request_timeout",
                "end_game_delay", "keepalive_interval", "peer_timeout", "tick_interval",
-               "first_copy_wait")
+               "handshake_timeout", "first_copy_wait")
 _STR_KEYS = ("insufficient_policy", "missing_policy", "db_dir", "secret", "topology",
-             "dataplane_host")
+             "dataplane_host", "simulation")
 _POSITIVE = ("piece_size", "block_size", "credit_bytes", "max_requests_per_peer",
              "min_requests_per_peer", "max_corrupt_pieces", "timeout", "manifest_timeout",
              "request_queue_time",
-             "request_timeout", "keepalive_interval", "peer_timeout", "tick_interval")
+             "request_timeout", "keepalive_interval", "peer_timeout", "tick_interval",
+             "handshake_timeout", "max_pending_connections", "max_pending_per_address")
 _NON_NEGATIVE = ("max_upload_slots", "max_retries", "end_game_threshold", "end_game_delay",
                  "first_copy_wait")
 
@@ -314,8 +341,9 @@ def _faults_from_values(v: dict[str, Any]) -> Faults:
 
 def _check_single(v: dict[str, Any]) -> None:
     """Type and range of each key on its own (cheap; run even when disabled)."""
-    if not isinstance(v["enable"], bool):
-        raise ConfigError(_f("enable"), v["enable"], "must be True or False")
+    for k in ("enable", "encryption"):
+        if not isinstance(v[k], bool):
+            raise ConfigError(_f(k), v[k], "must be True or False")
     for k in _INT_KEYS:
         if not _is_int(v[k]):
             raise ConfigError(_f(k), v[k], "must be an int")
@@ -345,6 +373,9 @@ def _check_single(v: dict[str, Any]) -> None:
     if v["missing_policy"] not in MISSING_POLICIES:
         raise ConfigError(_f("missing_policy"), v["missing_policy"],
                           f"must be one of {', '.join(map(repr, MISSING_POLICIES))}")
+    if v["simulation"] not in SIMULATIONS:
+        raise ConfigError(_f("simulation"), v["simulation"],
+                          f"must be one of {', '.join(map(repr, SIMULATIONS))}")
     if v["topology"] not in TOPOLOGIES:
         raise ConfigError(_f("topology"), v["topology"],
                           f"must be one of {', '.join(map(repr, TOPOLOGIES))}")
@@ -391,22 +422,40 @@ def check_bittorrent_cfg(cfg: CfgNode) -> None:
 # typed, validated view
 # --------------------------------------------------------------------------- #
 
-# FS features whose work happens in the server's aggregation, which the
-# exchange replaces with FedAvg at every client: refuse them rather than
-# silently running plain FedAvg.  (key path, value that is fine, why)
-_SERVER_SIDE = (
-    ("fedopt.use", False, "FedOpt applies a server optimizer to the aggregate"),
-    ("aggregator.robust_rule", "fedavg", "robust rules (krum, median, ...) run at the server"),
-    ("asyn.use", False, "asynchronous FL aggregates stale updates at the server"),
-    ("federate.use_ss", False, "secret sharing sums shares through the server"),
-    ("federate.online_aggr", False, "online aggregation happens at the server"),
-    ("quantization.method", "none", "updates are de-quantized at the server"),
-    ("vertical.use", False, "vertical FL has no per-client full models to exchange"),
+# FS features that cannot work peer to peer, with why and what to do.
+# Everything the server computes from the received models alone (FedAvg,
+# FedOpt, robust rules, pFedMe's interpolation, online FedAvg, K models)
+# runs at every client with FS's own aggregator (fs_aggregation.py) and is
+# *not* here.  (key path, value that is fine, why, what to set)
+_REFUSED = (
+    ("asyn.use", False,
+     "asynchronous FL aggregates whatever (stale) updates reach the server by a deadline, "
+     "one at a time; a round-based exchange has no such order every client could share",
+     "set asyn.use False"),
+    ("federate.use_ss", False,
+     "secret sharing exists so that nobody sees a client's model, while the exchange gives "
+     "every client every model",
+     "set federate.use_ss False"),
+    ("vertical.use", False,
+     "vertical FL exchanges embeddings and gradients between parties, not per-client models",
+     "set vertical.use False"),
+    ("quantization.method", "none",
+     "the exchange carries float tensors and does not de-quantize received models",
+     "set quantization.method 'none'"),
+    ("nbafl.use", False,
+     "NbAFL's server adds fresh random noise to the model it broadcasts; the clients hold "
+     "the model and no server broadcast happens",
+     "set nbafl.use False"),
+    ("fedswa.use", False,
+     "FedSWA's server averages its own model history, which the server does not hold",
+     "set fedswa.use False"),
 )
+_NO_COMMUNICATION = ("local", "global")
+_AND_OFF = "bittorrent.enable False to run plain FederatedScope"
 
 
 def _check_server_side_features(cfg: CfgNode) -> None:
-    for path, fine, why in _SERVER_SIDE:
+    for path, fine, why, fix in _REFUSED:
         node: Any = cfg
         for part in path.split("."):
             if not hasattr(node, part):
@@ -416,7 +465,12 @@ def _check_server_side_features(cfg: CfgNode) -> None:
         value = _plain(node)
         if value != fine:
             raise ConfigError(path, value, f"not supported with bittorrent.enable True: {why}; "
-                              f"clients aggregate FedAvg over the exchanged models")
+                              f"{fix}, or set {_AND_OFF}")
+    method = str(_plain(cfg.federate.method)).lower()
+    if method in _NO_COMMUNICATION:
+        raise ConfigError("federate.method", _plain(cfg.federate.method),
+                          f"method {method!r} exchanges no models, so there is nothing to "
+                          f"swarm; set {_AND_OFF}")
 
 
 def _freeze_spec(s: Any) -> Any:
@@ -428,8 +482,8 @@ class BitTorrentSettings:
     """Validated, resolved values of ``cfg.bittorrent`` (plus what they depend on).
 
     ``seed`` is resolved (never -1 when built by ``from_cfg``) and ``db_dir`` is
-    a path; ``secret`` stays '' when unset (the party that starts a run draws it
-    once and hands it to everyone).  ``client_num`` is ``federate.client_num``
+    a path; ``secret`` stays '' when unset (no HMAC; it is only for a plaintext
+    data plane and never sent by anyone).  ``client_num`` is ``federate.client_num``
     (0 = not yet known: the client-count checks are then skipped).
     """
 
@@ -450,14 +504,19 @@ class BitTorrentSettings:
     max_retries: int = 5
     end_game_threshold: int = 0
     end_game_delay: float = 0.5
-    keepalive_interval: float = 30.0
-    peer_timeout: float = 120.0
+    keepalive_interval: float = 120.0
+    peer_timeout: float = 300.0
     max_corrupt_pieces: int = 3
     first_copy_wait: float = 2.0
     tick_interval: float = 0.5
+    simulation: str = "auto"
     keep_rounds: int = 2
     db_dir: str = ""
     secret: str = ""
+    encryption: bool = True
+    handshake_timeout: float = 10.0
+    max_pending_connections: int = 64
+    max_pending_per_address: int = 8
     dataplane_host: str = ""
     dataplane_port: int = 0
     seed: int = 0
@@ -521,11 +580,24 @@ class BitTorrentSettings:
             else:  # count unknown yet: check the syntax only
                 count = len(spec) if isinstance(spec, (list, tuple)) else 1
             self._spec(q, count)
+        if self.simulation == "flow" and self.flow_unsupported():
+            raise ConfigError(_f("simulation"), self.simulation,
+                              f"the flow level does not model {self.flow_unsupported()}; "
+                              "use 'block' (or 'auto', which picks block for them)")
         crash = self.faults.crash_clients
         if n > 0 and any(not 1 <= c <= n for c in crash):
             raise ConfigError(_f("faults.crash_clients"), list(crash),
                               f"client ids {[c for c in crash if not 1 <= c <= n]} are "
                               f"outside 1..{n}")
+
+    def flow_unsupported(self) -> str:
+        """What of this configuration only the block level simulates ('' if nothing)."""
+        if self.faults.any:
+            return "per-message faults (bittorrent.faults drop, duplicate, reorder, corrupt, " \
+                   "delay, disconnect)"
+        if self.max_upload_slots:
+            return "capped upload slots (bittorrent.max_upload_slots > 0)"
+        return ""
 
     def _explicit(self) -> list[list[int]]:
         return [list(r) for r in self.neighbors]
@@ -565,11 +637,6 @@ class BitTorrentSettings:
         kwargs["faults"] = _faults_from_values(v)
         settings = cls(**kwargs, client_num=_plain(federate.client_num),
                        mode=_plain(federate.mode))
-        if settings.enable and _plain(federate.make_global_eval):
-            raise ConfigError("federate.make_global_eval", True,
-                              "must be False when bittorrent.enable is True: the clients, not "
-                              "the server, hold the aggregated model, so the server has no "
-                              "model to evaluate")
         if settings.enable:
             _check_server_side_features(cfg)
         return settings

@@ -5,9 +5,17 @@ bytes go over each client's :class:`~fs_bittorrent.net.round_dataplane.RoundData
 
 FS's own ``receive()`` spins on an empty deque while idle.  This host
 replaces it: the gRPC servicer's queue becomes an :class:`Inbox` that wakes
-an asyncio loop, and that one loop (in the main thread) does everything --
-FS's handlers (training included), the manager's timers (ticks, deadlines),
-and the data plane's sockets.  An idle worker sleeps in ``epoll``.
+an asyncio loop in the main thread, which runs FS's handlers, the manager's
+timers (ticks, deadlines) and the data plane's sockets.  An idle worker
+sleeps in ``epoll``.
+
+Local training and evaluation (FS's ``model_para`` and ``evaluate``
+handlers: seconds to minutes of CPU) run in one worker thread
+(:data:`OFFLOADED`), so the data plane keeps accepting, refusing and timing
+out connections meanwhile.  FS messages are still handled one at a time, in
+order: the loop awaits the handler before it takes the next message, and
+whatever the handler sends is handed back to the loop's thread (the
+manager, its store and the data plane are only ever touched there).
 
 Server loop: wait for every client to join, then handle messages until FS
 moves past the last round (as ``Server.run``).  Client loop: handle
@@ -18,6 +26,7 @@ nothing outlives the run: no thread, socket or task.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import threading
@@ -28,6 +37,7 @@ from federatedscope.core.fed_runner import DistributedRunner
 from federatedscope.core.message import Message
 
 from ..net.round_dataplane import RoundDataPlane
+from ..net.tls import LocalIdentity
 from ..store.sqlite_store import SQLitePieceStore
 from . import wire
 from .progress import SwarmProgress
@@ -36,6 +46,8 @@ log = logging.getLogger(__name__)
 
 SERVER_WAIT = 300.0          # s a client waits for the server's endpoint before joining
 _WEIGHTLESS = ("model_para", "evaluate", "finish")
+#: FS client messages whose handlers train or evaluate: run off the loop.
+OFFLOADED = ("model_para", "evaluate")
 
 
 class Inbox:
@@ -154,6 +166,34 @@ async def wait_for_listener(host: str, port: int, timeout: float) -> None:
         return
 
 
+class LoopSends:
+    """Route a worker's sends made off the loop's thread back onto it.
+
+    A handler running in :func:`run_offloaded`'s thread ends with FS's
+    ``comm_manager.send`` (the trained ``model_para``, evaluation metrics);
+    the manager's hook behind it writes the store and the manifest, which
+    belong to the loop's thread.  ``call_soon_threadsafe`` queues the send
+    ahead of the handler's completion, so order is kept."""
+
+    def __init__(self, worker: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._send = worker.comm_manager.send
+        self._loop = loop
+        self._thread = threading.get_ident()
+        worker.comm_manager.send = self
+
+    def __call__(self, message: Any) -> None:
+        if threading.get_ident() == self._thread:
+            self._send(message)
+        else:
+            self._loop.call_soon_threadsafe(self._send, message)
+
+
+async def run_offloaded(pool: concurrent.futures.Executor, worker: Any, msg: Message) -> None:
+    """Dispatch ``msg`` in ``pool``'s thread and wait for it (the loop serves
+    sockets and timers meanwhile)."""
+    await asyncio.get_running_loop().run_in_executor(pool, dispatch, worker, msg)
+
+
 async def serve_client(worker: Any, inbox: Inbox) -> None:
     """A client's whole run: data plane up, join, handle messages until
     ``finish``, then shut everything down."""
@@ -162,15 +202,28 @@ async def serve_client(worker: Any, inbox: Inbox) -> None:
     loop = asyncio.get_running_loop()
     inbox.attach(loop)
     host = settings.dataplane_host or str(worker._cfg.distribute.client_host)
+    # A fresh key per run; only its certificate (public) leaves the process.
+    identity = LocalIdentity.generate() if settings.encryption else None
     plane = RoundDataPlane(bt, host=host, port=settings.dataplane_port,
+                           handshake_timeout=settings.handshake_timeout,
                            max_block_size=settings.swarm_config().max_block_size,
-                           faults=settings.faults, fault_seed=settings.seed)
+                           faults=settings.faults, fault_seed=settings.seed,
+                           identity=identity, max_pending=settings.max_pending_connections,
+                           max_pending_per_address=settings.max_pending_per_address)
     await plane.start()
     bt.address = plane.address
+    if identity is not None:
+        bt.certificate = wire.certificate_to_text(identity.cert_der)
+    else:
+        log.warning("client data plane without encryption (bittorrent.encryption False): "
+                    "model updates travel in the clear and peers are not authenticated")
     os.makedirs(settings.db_dir, exist_ok=True)
     bt.attach(LoopScheduler(loop), plane, store_factory=lambda: SQLitePieceStore(
         os.path.join(settings.db_dir, f"client_{worker.ID}.db")))
-    log.info("client data plane listening on %s", plane.address)
+    log.info("client data plane listening on %s (%s)", plane.address,
+             f"TLS 1.3, certificate sha256 {identity.fingerprint}" if identity else "plaintext")
+    LoopSends(worker, loop)
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fs-train")
     try:
         # FS's send swallows a refused RPC: a join sent before the server
         # listens is lost and the run hangs.  Wait until it accepts.
@@ -180,7 +233,10 @@ async def serve_client(worker: Any, inbox: Inbox) -> None:
         while True:
             msg = parse(await inbox.get())
             if worker.state <= msg.state or msg.msg_type == "finish":
-                dispatch(worker, msg)
+                if msg.msg_type in OFFLOADED:
+                    await run_offloaded(pool, worker, msg)
+                else:
+                    dispatch(worker, msg)
             else:
                 bt.stale_messages += 1
                 log.info("client %s: dropping %s of old round %s (now %s)", worker.ID,
@@ -188,6 +244,7 @@ async def serve_client(worker: Any, inbox: Inbox) -> None:
             if msg.msg_type == "finish":
                 break
     finally:
+        pool.shutdown(wait=True)
         bt.shutdown()
         plane.end_round()
         await plane.close()

@@ -31,12 +31,10 @@ import csv
 import json
 import logging
 import os
-import secrets
 from collections import deque
 from typing import Any, Callable, Optional, Protocol
 
 
-from ..core.aggregate import coverage_fedavg
 from ..core.coordinator import CompletionReport, RoundCoordinator, RoundEnd, StartExchange
 from ..core.layout import SwarmLayout
 from ..core.messages import Message as PeerMessage
@@ -44,7 +42,10 @@ from ..core.pieces import make_model_manifest
 from ..core.session import Close, SwarmSession
 from ..errors import BitTorrentError, HandshakeRequired
 from ..sim.swarm import lower_bound, lower_bound_latency
-from . import wire
+from . import monitoring, wire
+from .agreement import Agreement, check_agreement
+from .fs_aggregation import FSAggregation, aggregate_round, flatten_models, unflatten_models
+from .global_model import AgreedModel
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ class Scheduler(Protocol):
 class PeerTransport(Protocol):
     """How peer messages leave: the standalone runner's virtual network, or
     the distributed data plane (which also has ``begin_round(round, session,
-    addresses)`` and ``end_round()``: its connections belong to one round)."""
+    addresses, certificates)`` and ``end_round()``: its connections belong to
+    one round)."""
 
     def send_peer(self, src: int, dst: int, round_idx: int, msg: PeerMessage) -> None: ...
     def close_peer(self, src: int, dst: int, round_idx: int) -> None: ...
@@ -110,6 +112,7 @@ class ClientManager(BitTorrentManager):
         self._store = None
         self._store_factory: Optional[Callable[[], Any]] = None
         self.address = ""                         # data plane host:port (distributed)
+        self.certificate = ""                     # its TLS certificate, base64 DER (public)
         self.round = -1
         self.session: Optional[SwarmSession] = None
         self._generation = 0                      # sessions started (names timers)
@@ -117,18 +120,26 @@ class ClientManager(BitTorrentManager):
         self.started_at = 0.0
         self.reported = False
         self.aggregated = False
-        self.prev_global: Optional[dict] = None   # model at the start of the round
-        self.local_model: Optional[dict] = None   # this round's trained model
+        self.local_model: Optional[dict] = None   # this round's published model (flat)
         self.last_aggregate = None                # AggregateResult of the last round
+        self.last_digest = ""                     # sha256 of the global model after it
+        self.order: list[int] = []                # the server's arrival order of the models
+        # FS's server aggregation (aggregator and global model), run here.
+        self.fs_agg = FSAggregation(worker._cfg, worker.model)
         self.timeline: list[tuple[float, float]] = []  # (seconds, completion) this round
         self.progress = None                      # a SwarmProgress shared by the host
         self._pieces_seen = 0
         self._progress_sent = (-1, -1.0)          # (pieces, time) of the last bt_progress
         self.aggregate_cache: Optional[dict] = None  # shared by in-process clients
+        # Builds the round's session: SwarmSession, or a host's stand-in with
+        # the same interface (the standalone runner's flow level).
+        self.session_factory: Callable[..., Any] = SwarmSession
         for name in wire.PEER_MSG_NAMES:
             worker.register_handlers(name, self.on_peer_message)
         worker.register_handlers(wire.MSG_START, self.on_start)
         worker.register_handlers(wire.MSG_ROUND_END, self.on_round_end)
+        worker.register_handlers(wire.MSG_GLOBAL_INIT, self.on_global_init)
+        worker.register_handlers(wire.MSG_FETCH_AGGREGATE, self.on_fetch_aggregate)
 
     def attach(self, scheduler: Scheduler, transport: PeerTransport, store: Any = None,
                aggregate_cache: Optional[dict] = None, progress: Any = None,
@@ -147,16 +158,55 @@ class ClientManager(BitTorrentManager):
         return self._store
 
     # ---- training side -----------------------------------------------------------
+    def _require_id(self, what: str) -> None:
+        """A client publishes and swarms only under the id the server gave it."""
+        if not isinstance(self.worker.ID, int) or self.worker.ID < 1:
+            raise BitTorrentError("client id", self.worker.ID,
+                                  f"{what} before the server assigned this client an id")
+
+    def global_model(self) -> Any:
+        """What FS's server would send now: the global model this client holds."""
+        if not self.fs_agg.loaded:
+            log.error("client %s: no global model (round 0's never arrived); FS's handler "
+                      "keeps the model it has", self.worker.ID)
+            return None
+        return self.fs_agg.state()
+
     def before_training(self, content: Any) -> Any:
         """Called with the incoming ``model_para`` content.  Round 0 brings
-        the initial global model; later rounds bring None (the client already
-        holds the aggregate), replaced by the current parameters."""
+        the initial global model; later rounds bring None (the client holds
+        the global model), replaced by what FS's server would have sent."""
         if content is None or content == wire.NO_WEIGHTS:
-            content = self.worker.trainer.get_model_para()
-        elif wire.is_packed_weights(content):        # round 0, distributed
-            content = wire.unpack_weights(content)
-        self.prev_global = {k: v.detach().clone() for k, v in content.items()}
+            return self.global_model()
+        if wire.is_packed_weights(content):          # round 0, distributed
+            content = unflatten_models(wire.unpack_weights(content), self.fs_agg.model_num)
+        self.fs_agg.load(content)
         return content
+
+    def on_global_init(self, message: Any) -> None:
+        """Round 0's model for a client not sampled in round 0: it aggregates
+        every round, so it needs the global model FS's server starts from."""
+        try:
+            content = unflatten_models(wire.unpack_weights(message.content),
+                                       self.fs_agg.model_num)
+            self.fs_agg.load(content)
+        except BitTorrentError as exc:
+            self.protocol_errors += 1
+            log.error("client %s: bad %s: %s", self.worker.ID, wire.MSG_GLOBAL_INIT, exc)
+
+    def on_fetch_aggregate(self, message: Any) -> None:
+        """The server evaluates the agreed model (``make_global_eval``):
+        send it, safetensors (never pickle), with its digest."""
+        r = message.content.get("round") if isinstance(message.content, dict) else None
+        if r != self.round or not self.fs_agg.loaded:
+            self.stale_messages += 1
+            log.warning("client %s: cannot send the aggregate of round %s (holding %s)",
+                        self.worker.ID, r, self.round)
+            return
+        state = self.fs_agg.state()
+        self._send(self._message(wire.MSG_AGGREGATE, [self.worker.server_id], self.round,
+                                 wire.pack_aggregate(self.round, self.fs_agg.digest(),
+                                                     flatten_models(state))))
 
     def _outgoing(self, message: Any) -> None:
         if message.msg_type == "model_para" and message.receiver == [self.worker.server_id]:
@@ -166,13 +216,15 @@ class ClientManager(BitTorrentManager):
 
     def _publish(self, message: Any) -> None:
         """Replace a weight upload by a manifest; the pieces stay here."""
+        self._require_id("publishing a model")
         sample_size, params = message.content
-        if not isinstance(params, dict):
-            raise BitTorrentError("model_para", type(params).__name__,
-                                  "fs_bittorrent exchanges one state_dict per client")
         round_idx = message.state
-        self.local_model = {k: v.detach().cpu().clone() for k, v in params.items()}
-        manifest, pieces = make_model_manifest(self.local_model, owner=self.worker.ID,
+        flat = flatten_models(params)
+        # The trained model is kept only where it may be needed (the 'local'
+        # missing policy); its pieces are in the store either way.
+        self.local_model = {k: v.detach().cpu().clone() for k, v in flat.items()} \
+            if self.settings.missing_policy == "local" else None
+        manifest, pieces = make_model_manifest(flat, owner=self.worker.ID,
                                                round=round_idx, sample_count=int(sample_size),
                                                piece_size=self.settings.piece_size)
         self.store.put_manifest(manifest)
@@ -180,17 +232,26 @@ class ClientManager(BitTorrentManager):
             self.store.put_piece(round_idx, self.worker.ID, k, self.worker.ID, data,
                                  manifest.piece_hashes[k])
         self.store.flush()
-        self._send(self._message(wire.MSG_MANIFEST, [self.worker.server_id], round_idx,
-                                 wire.pack_manifest(round_idx, manifest, self.address)))
+        out = self._message(wire.MSG_MANIFEST, [self.worker.server_id], round_idx,
+                            wire.pack_manifest(round_idx, manifest, self.address,
+                                               self.certificate))
+        out.timestamp = message.timestamp   # FS's simulated time: FS's arrival order
+        self._send(out)
 
     # ---- exchange ----------------------------------------------------------------
     def on_start(self, message: Any) -> None:
         try:
-            round_idx, manifests, neighbours, timeout, secret = wire.unpack_start(message.content)
+            round_idx, manifests, neighbours, timeout = wire.unpack_start(message.content)
             addresses = wire.unpack_addresses(message.content)
+            certificates = wire.unpack_certificates(message.content)
         except BitTorrentError as exc:
             self.protocol_errors += 1
             log.error("client %s: bad %s: %s", self.worker.ID, wire.MSG_START, exc)
+            return
+        if not isinstance(self.worker.ID, int) or self.worker.ID < 1:
+            self.protocol_errors += 1
+            log.error("client %s: %s before the server assigned this client an id; ignored",
+                      self.worker.ID, wire.MSG_START)
             return
         if self.session is not None and not self.session.closed:
             self.session.close(self.now(), "superseded")
@@ -202,8 +263,12 @@ class ClientManager(BitTorrentManager):
         self.layout = SwarmLayout(tuple(manifests), experiment=experiment_name(self.worker._cfg))
         storage = self.store.holder_view(round_idx, me)
         now = self.now()
-        self.session = SwarmSession(me, self.layout, storage, self.settings.swarm_config(),
-                                    secret=secret.encode(), now=now)
+        # With encryption the data plane's TLS authenticates peers; the HMAC
+        # secret is only for a plaintext data plane, and never sent by anyone.
+        secret = b"" if self.certificate else self.settings.secret.encode()
+        self.session = self.session_factory(me, self.layout, storage,
+                                            self.settings.swarm_config(),
+                                            secret=secret, now=now)
         self.started_at = now
         self.reported = self.aggregated = False
         self.timeline = [(0.0, self.session.completion())]
@@ -213,7 +278,7 @@ class ClientManager(BitTorrentManager):
         self.store.begin_session(round_idx, me, now=now)
         begin_round = getattr(self.transport, "begin_round", None)
         if begin_round is not None:
-            begin_round(round_idx, self.session, addresses)
+            begin_round(round_idx, self.session, addresses, certificates)
         for peer in neighbours.get(me, []):
             if peer > me:  # one side opens each connection
                 self._emit(self.session.connect(peer, now))
@@ -347,34 +412,31 @@ class ClientManager(BitTorrentManager):
                                  wire.pack_report(report)))
 
     def _aggregate(self) -> None:
-        """FedAvg over the held pieces, by coverage; load it into the model."""
+        """FS's aggregation over the held models (see fs_aggregation); the
+        result stays the global model this client hands to FS's handlers."""
         self.aggregated = True
         held = self.session.held_by_owner()
-        key = (self.round, tuple(sorted((o, tuple(sorted(ix))) for o, ix in held.items())))
-        result = self.aggregate_cache.get(key) if self.aggregate_cache is not None else None
-        if result is None:
-            view = self.store.holder_view(self.round, self.worker.ID)
-            contributions = [(self.layout.manifest(o), {k: view.get(o, k) for k in ix})
-                             for o, ix in held.items() if ix]
-            policy = self.settings.missing_policy
-            fallback = self.local_model if policy == "local" else self.prev_global
-            result = coverage_fedavg(contributions, fallback=fallback, verify=False)
-            if self.aggregate_cache is not None:
-                self.aggregate_cache.clear()  # one round's entry at a time
-                self.aggregate_cache[key] = result
-        if not result.complete:
-            log.warning("client %s: round %s aggregate covers %.1f%% of the model; the rest "
-                        "follows missing_policy=%s", self.worker.ID, self.round,
-                        100 * result.covered_fraction, self.settings.missing_policy)
-        params = {k: v.clone() for k, v in result.state_dict.items()}
-        self.worker.trainer.update(params, strict=False)
+        view = self.store.holder_view(self.round, self.worker.ID)
+        result = aggregate_round(self.fs_agg, self.layout.manifests, held, view.get,
+                                 missing_policy=self.settings.missing_policy,
+                                 local_model=self.local_model, order=self.order,
+                                 cache=self.aggregate_cache,
+                                 round_idx=self.round, client_id=self.worker.ID)
         self.last_aggregate = result
+        self.last_digest = self.fs_agg.digest()
 
     def on_round_end(self, message: Any) -> None:
         r = message.content.get("round") if isinstance(message.content, dict) else None
         if r != self.round or self.session is None:
             self.stale_messages += 1
             return
+        try:
+            self.order = wire.unpack_order(message.content)
+        except BitTorrentError as exc:
+            self.protocol_errors += 1
+            log.error("client %s: bad %s: %s; aggregating by client id", self.worker.ID,
+                      wire.MSG_ROUND_END, exc)
+            self.order = []
         s = self.session
         now = self.now()
         if self.progress is not None:
@@ -396,11 +458,15 @@ class ClientManager(BitTorrentManager):
             self._aggregate()
         aggregate_time = self.now() - t0
         # The final counts, equal to the store's row: the server's per-round
-        # metrics then agree with every client's database.
-        self._send(self._message(wire.MSG_STATS, [self.worker.server_id], self.round,
-                                 wire.pack_stats(self.round, s.stats.bytes_up,
-                                                 s.stats.bytes_down, s.pieces_have,
-                                                 aggregate_time)))
+        # metrics then agree with every client's database.  Plus the store's
+        # size (monitoring), the aggregate's digest (agreement), and the bytes
+        # into FS's own monitor.
+        content = wire.pack_stats(self.round, s.stats.bytes_up, s.stats.bytes_down,
+                                  s.pieces_have, aggregate_time, self.last_digest)
+        store_path, store_bytes = monitoring.store_size(self.store)
+        content.update(store_path=store_path, store_bytes=float(store_bytes))
+        self._send(self._message(wire.MSG_STATS, [self.worker.server_id], self.round, content))
+        monitoring.feed_fs_monitor(self.worker, s.stats.bytes_up, s.stats.bytes_down)
         end_round = getattr(self.transport, "end_round", None)
         if end_round is not None:
             end_round()
@@ -431,7 +497,6 @@ class ServerManager(BitTorrentManager):
                                             settings.insufficient_policy,
                                             report_grace=2 * settings.tick_interval,
                                             manifest_timeout=settings.manifest_timeout)
-        self.secret = settings.secret or secrets.token_hex(16)
         self.links: dict = {}
         # The last rounds' figures in memory (all of them are in the outdir's
         # bittorrent_rounds.jsonl): bounded, so long runs do not grow.
@@ -439,17 +504,37 @@ class ServerManager(BitTorrentManager):
         self._owners: list[int] = []                 # clients asked to train this round
         self._sample_sizes: dict[int, int] = {}
         self._manifest_sizes: dict[int, int] = {}    # owner -> model bytes, this round
+        self._arrival: list[int] = []                # manifest senders, in arrival order
         self._addresses: dict[int, str] = {}         # client -> data plane host:port
+        self._certificates: dict[int, str] = {}      # client -> its TLS certificate (base64)
         self._armed: set[float] = set()              # coordinator deadlines with a timer
         # The last round's figures wait for the clients' final counts (bt_stats).
         self._pending_stats: Optional[dict] = None
         self._stats_due: set[int] = set()
         self.progress = None                         # a SwarmProgress (distributed runs)
         self._progress_have: dict[int, int] = {}
+        self.finished = False                        # FS sent finish: no round may follow
+        cfg = worker._cfg
+        # The server itself needs the agreed model: to evaluate it, or to save it.
+        self.needs_model = bool(cfg.federate.make_global_eval) or bool(cfg.federate.save_to)
+        self.agreed_model = AgreedModel(self)
+        self.agreements: deque = deque(maxlen=ROUND_STATS_KEPT)
+        self.disagreements = 0                       # complete clients that differed, all rounds
+        worker.register_handlers(wire.MSG_AGGREGATE, self.agreed_model.on_aggregate)
         worker.register_handlers(wire.MSG_MANIFEST, self.on_manifest)
         worker.register_handlers(wire.MSG_REPORT, self.on_report)
         worker.register_handlers(wire.MSG_STATS, self.on_stats)
         worker.register_handlers(wire.MSG_PROGRESS, self.on_progress)
+        # What crosses the server's own link, and the operator's round figures.
+        self.traffic = monitoring.ServerTraffic()
+        self.traffic.count_incoming(worker)
+        self.figures = monitoring.RoundFigures()
+        send = self._send
+
+        def counted_send(message: Any) -> None:
+            self.traffic.on_send(message)
+            send(message)
+        self._send = counted_send
 
     def attach(self, scheduler: Scheduler, links: Optional[dict] = None,
                progress: Any = None) -> None:
@@ -465,19 +550,31 @@ class ServerManager(BitTorrentManager):
             receivers = message.receiver if isinstance(message.receiver, list) \
                 else [message.receiver]
             self._owners = sorted(receivers)
+            self._arrival = []
             self.coordinator.begin_round(message.state, receivers, self.clients(), self.now())
             self._arm_timer()
             if message.state > 0:
                 message.content = self.no_weights  # clients already hold the aggregate
-            elif self.distributed and isinstance(message.content, dict):
-                message.content = wire.pack_weights(message.content)  # never FS's pickle
+            else:
+                self._send_initial_model(message.content, receivers)
+                if self.distributed:               # never FS's pickle
+                    message.content = wire.pack_weights(flatten_models(message.content))
         elif message.msg_type in ("evaluate", "finish"):
             message.content = self.no_weights      # evaluate / keep each client's aggregate
             if message.msg_type == "finish":
+                self.finished = True
                 self.flush_stats()
             elif self.distributed:
                 self._arm_eval_deadline()
         self._send(message)
+
+    def _send_initial_model(self, content: Any, receivers: list[int]) -> None:
+        """Clients not sampled in round 0 still aggregate every round, from
+        the global model FS's server starts with: send it to them."""
+        others = [c for c in self.clients() if c not in receivers]
+        if others:
+            self._send(self._message(wire.MSG_GLOBAL_INIT, others, 0,
+                                     wire.pack_weights(flatten_models(content))))
 
     def _arm_eval_deadline(self) -> None:
         """FS's distributed server waits for every client's evaluation; one
@@ -505,19 +602,36 @@ class ServerManager(BitTorrentManager):
         self.protocol_errors += 1
         log.error("server: bad %s from client %s: %s", what, message.sender, exc)
 
+    def _after_finish(self, message: Any, what: str) -> bool:
+        """FS finished the course (last round, or early stopping): a round
+        already under way is dropped, never aggregated or evaluated."""
+        if self.finished or getattr(self.worker, "is_finish", False):
+            self.stale_messages += 1
+            log.debug("server: %s from client %s after finish; ignored", what, message.sender)
+            return True
+        return False
+
     def on_manifest(self, message: Any) -> None:
+        if self._after_finish(message, wire.MSG_MANIFEST):
+            return
         try:
-            round_idx, manifest, address = wire.unpack_manifest(message.content)
+            round_idx, manifest, address, certificate = wire.unpack_manifest(message.content)
             actions = self.coordinator.on_manifest(message.sender, round_idx, manifest, self.now())
         except BitTorrentError as exc:
             self._refuse(message, wire.MSG_MANIFEST, exc)
             return
         self._sample_sizes[message.sender] = manifest.sample_count
+        if round_idx == self.coordinator.round and message.sender not in self._arrival:
+            self._arrival.append(message.sender)
         if address:
             self._addresses[message.sender] = address
+        if certificate:
+            self._certificates[message.sender] = certificate
         self._act(actions)
 
     def on_report(self, message: Any) -> None:
+        if self._after_finish(message, wire.MSG_REPORT):
+            return
         try:
             report = wire.unpack_report(message.content)
             actions = self.coordinator.on_report(message.sender, report, self.now())
@@ -531,6 +645,7 @@ class ServerManager(BitTorrentManager):
         """A client's final counts of a round: complete that round's figures."""
         try:
             round_idx, up, down, have, aggregate_time = wire.unpack_stats(message.content)
+            digest = wire.unpack_stats_digest(message.content)
         except BitTorrentError as exc:
             self._refuse(message, wire.MSG_STATS, exc)
             return
@@ -543,6 +658,8 @@ class ServerManager(BitTorrentManager):
         c = str(message.sender)
         stats["bytes_up"][c], stats["bytes_down"][c] = up, down
         stats["aggregate_time"][c] = aggregate_time
+        self.figures.note_client_store(stats, message.sender, message.content)
+        stats["aggregate_digest"][c] = digest
         self._stats_due.discard(message.sender)
         if not self._stats_due:
             self.flush_stats()
@@ -552,7 +669,24 @@ class ServerManager(BitTorrentManager):
         stats, self._pending_stats = self._pending_stats, None
         if stats is not None:
             self._stats_due.clear()
+            agreement = self._judge(stats)
             self._write_stats(stats)
+            self.agreed_model.judged(agreement)
+
+    def _judge(self, stats: dict) -> Agreement:
+        """The round's agreement, into its figures (and the log)."""
+        complete = {int(c) for c, v in stats["completion"].items() if v >= 1.0}
+        digests = {int(c): d for c, d in stats["aggregate_digest"].items()}
+        agreement = check_agreement(stats["round"], digests, complete,
+                                    reporters={int(c) for c in stats["completion"]})
+        stats["agreement"] = agreement.as_dict()
+        self.agreements.append(agreement)
+        self.disagreements += len(agreement.differing)
+        log.info("server: round %s aggregate: %d client(s) agree on %s%s%s", agreement.round,
+                 len(agreement.agreeing), (agreement.digest or "-")[:12],
+                 f"; DIFFERING: {agreement.differing}" if agreement.differing else "",
+                 f"; partial: {agreement.partial}" if agreement.partial else "")
+        return agreement
 
     def on_progress(self, message: Any) -> None:
         try:
@@ -590,6 +724,9 @@ class ServerManager(BitTorrentManager):
     def _act(self, actions: list) -> None:
         for action in actions:
             if isinstance(action, StartExchange):
+                if self.finished:          # e.g. the manifest deadline after early stopping
+                    log.info("server: round %s not started: FS finished", action.round)
+                    continue
                 self._start(action)
             elif isinstance(action, RoundEnd):
                 self._end(action)
@@ -601,6 +738,8 @@ class ServerManager(BitTorrentManager):
                  len(a.manifests), len(a.participants))
         self._manifest_sizes = {m.owner: m.total_size for m in a.manifests}
         addresses = {c: self._addresses[c] for c in a.participants if c in self._addresses}
+        certificates = {c: self._certificates[c] for c in a.participants
+                        if c in self._certificates}
         if self.progress is not None:
             have = {m.owner: len(m.piece_hashes) for m in a.manifests}
             self._progress_have = dict(have)
@@ -608,12 +747,18 @@ class ServerManager(BitTorrentManager):
             self.progress.start(a.round, total - sum(have.values()))
         self._send(self._message(wire.MSG_START, list(a.participants), a.round,
                                  wire.pack_start(a.round, a.manifests, neighbours, a.timeout,
-                                                 self.secret, addresses)))
+                                                 addresses, certificates)))
 
     def _end(self, e: RoundEnd) -> None:
         w = self.worker
+        # FS's server aggregates in its buffer's order (arrival): the clients
+        # feed FS's aggregator in that order too (ties in krum, float sums).
+        order = [c for c in self._arrival if c in e.owners]
         self._send(self._message(wire.MSG_ROUND_END, list(e.participants), e.round,
-                                 {"round": e.round}))
+                                 wire.pack_round_end(e.round, order)))
+        if self.finished or getattr(w, "is_finish", False):
+            log.info("server: round %s ended after FS finished; not aggregated", e.round)
+            return
         if self.progress is not None:
             self.progress.finish(e.round)
         stats = self._round_stats(e)
@@ -641,6 +786,10 @@ class ServerManager(BitTorrentManager):
             if len(w.msg_buffer["train"][w.state]) >= need:
                 break
             w.msg_buffer["train"][w.state].setdefault(cid, (0, None))
+        if self.needs_model:
+            # FS evaluates (or saves) its own model next: wait for the agreed one.
+            self.agreed_model.wait_for(e.round)
+            return
         w.check_and_move_on()
 
     def _round_stats(self, e: RoundEnd) -> dict:
@@ -668,12 +817,15 @@ class ServerManager(BitTorrentManager):
             "timeline": {str(c): [list(x) for x in r.timeline]
                          for c, r in sorted(e.reports.items())},
             "aggregate_time": {str(c): 0.0 for c in sorted(e.reports)},   # from bt_stats
+            "aggregate_digest": {},                                       # from bt_stats
             "model_bytes": sum(sizes.values()),
             "t_lb": t_lb,
             "eta": (t_lb / exchange_time) if t_lb and exchange_time > 0 else None,
             # beside the headline: T_LB plus the unavoidable path latency
             "t_lb_lat": t_lb_lat,
             "eta_lat": (t_lb_lat / exchange_time) if t_lb_lat and exchange_time > 0 else None,
+            "server_bytes": self.traffic.take(),
+            **monitoring.star_figures(sizes, self._owners, e.owners),
         }
 
     def _write_fs_result(self, stats: dict) -> None:
@@ -685,7 +837,7 @@ class ServerManager(BitTorrentManager):
             return
         headline = {key: stats[key] for key in ("reason", "clock", "exchange_time",
                                                 "completion_ratio", "t_lb", "eta")}
-        headline["bytes_total"] = sum(stats["bytes_down"].values())
+        headline.update({key: stats.get(key) for key in monitoring.HEADLINE_KEYS})
         monitor.save_formatted_results({"Role": "Server #", "Round": stats["round"],
                                         "Results_bittorrent": headline})
 
@@ -694,6 +846,7 @@ class ServerManager(BitTorrentManager):
         if not outdir:
             return
         os.makedirs(outdir, exist_ok=True)
+        self.figures.complete(stats)
         with open(os.path.join(outdir, "bittorrent_rounds.jsonl"), "a") as f:
             f.write(json.dumps(stats) + "\n")
         self._write_fs_result(stats)
@@ -712,12 +865,15 @@ class ServerManager(BitTorrentManager):
                             stats["corrupt_pieces"][c], stats["duplicate_blocks"][c],
                             stats["aggregate_time"][c],
                             "" if stats["t_lb"] is None else stats["t_lb"],
-                            "" if stats["eta"] is None else stats["eta"]])
+                            "" if stats["eta"] is None else stats["eta"],
+                            stats["store_bytes"].get(c, ""), stats["star_bytes"].get(c, 0),
+                            stats["server_bytes"]])
 
 
 CSV_COLUMNS = ("round", "client", "reason", "clock", "exchange_time", "completion",
                "bytes_up", "bytes_down", "first_piece_time", "timeouts", "corrupt_pieces",
-               "duplicate_blocks", "aggregate_time", "t_lb", "eta")
+               "duplicate_blocks", "aggregate_time", "t_lb", "eta", "store_bytes", "star_bytes",
+               "server_bytes")
 
 
 def experiment_name(cfg: Any) -> str:

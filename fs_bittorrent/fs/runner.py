@@ -30,6 +30,19 @@ the exchange seed) acts on the peer messages only; FS's control messages
   no report, and its verified pieces stay in the store.  It handles the
   round's end and the following rounds as a restarted client.
 
+Fidelity (``bittorrent.simulation``): ``block`` runs the ``SwarmSession``
+of every client over the ``VirtualNetwork`` (every block, request and
+``have`` is an event); ``flow`` simulates the round at once with
+``sim/flow.py`` when ``bt_start`` goes out (pieces as max-min fair flows,
+the engine's piece choice, end game, deadline and crashes) and hands each
+client a ``FlowSessionView`` of the result, read at the virtual clock: the
+clients report, time out and aggregate as they do at block level, from the
+owners' verified pieces (recorded for each holder by reference in the
+store at round end).  ``auto`` (the default) takes flow for rounds whose
+block-level simulation would move more than ``AUTO_FLOW_BLOCKS`` blocks.
+With a static network and unchanged model sizes a round's flow schedule
+is the previous round's: it is computed once and reused.
+
 ``round_hooks``: callables ``hook(runner, round)`` run after each round's
 ``bt_round_end`` was handled by its clients (store flushed and cleaned),
 for measurements such as ``scripts/soak.py``.
@@ -40,24 +53,48 @@ import copy
 import heapq
 import logging
 import os
-from typing import Any, Callable
+import time
+from typing import Any, Callable, Optional
 
 from federatedscope.core.fed_runner import StandaloneRunner
 
 from ..core.faults import flip_byte
+from ..errors import BitTorrentError
 from ..core.messages import Message as PeerMessage
 from ..core.messages import Piece, message_size
+from ..core.session import SwarmSession
+from ..sim.flow import FlowResult, FlowSessionView, FlowSwarm
 from ..sim.network import VirtualNetwork
 from ..store.sqlite_store import SQLitePieceStore
+from . import wire
 from .config import BitTorrentSettings
 from .progress import SwarmProgress
 from .wire import MSG_ROUND_END, MSG_START, PEER_MESSAGE_TYPES
 
 log = logging.getLogger(__name__)
 
+#: ``simulation: auto`` takes the flow level above this many block deliveries
+#: per round.  Measured in this runner (FS messages, SQLite store): about
+#: 270 us of wall time per block delivered (10 clients x 45 MB: 275 K blocks,
+#: 75 s a round), so this is about a minute per round; below it the block
+#: level is cheap and exact, above it the flow level is within a few percent
+#: (docs/benchmarks.md).  The bare simulator is about 5x cheaper per block.
+AUTO_FLOW_BLOCKS = 200_000
+
+# What handling a message to clients is, for the wall-time split: training
+# (model_para: FS trains, the client cuts and stores its pieces), the
+# exchange (bt_start with the flow simulation, peer messages, network
+# events), aggregation (bt_round_end: store bookkeeping and FedAvg),
+# evaluation; messages to the server count as "server".
+_WALL_PARTS = {"model_para": "training", MSG_ROUND_END: "aggregation",
+               "evaluate": "evaluation", "finish": "evaluation"}
+
 
 class BitTorrentStandaloneRunner(StandaloneRunner):
     """Standalone FS runner whose clients swarm on a virtual network."""
+
+    #: reuse the last round's flow schedule when nothing it depends on changed
+    flow_reuse = True
 
     def _set_up(self) -> None:
         super()._set_up()
@@ -74,6 +111,13 @@ class BitTorrentStandaloneRunner(StandaloneRunner):
         self._generation: dict[tuple[int, int, int], int] = {}
         self._fault_closed: set[tuple[int, int, int]] = set()
         self.crashed: list[tuple[int, int]] = []  # (round, client) crashes injected
+        self.levels: dict[int, str] = {}          # round -> 'block' | 'flow' it ran at
+        # Wall seconds of the run by what the runner was doing (see _WALL_PARTS).
+        self.wall_split: dict[str, float] = dict.fromkeys(
+            ("training", "exchange", "aggregation", "evaluation", "server"), 0.0)
+        self.flow_cpu: dict[int, float] = {}      # round -> CPU s of its flow simulation
+        self._flow_cache: tuple = ((), None)      # (key, FlowResult) of the last flow round
+        self._flow_round: Optional[tuple[int, FlowResult, float]] = None  # (round, result, t0)
         self.round_hooks: list[Callable[[Any, int], None]] = []
         for cid in ids:
             self.network.add_link(cid, self.links[cid])
@@ -197,30 +241,50 @@ class BitTorrentStandaloneRunner(StandaloneRunner):
                                       cid, round_idx))
 
     # ---- the loop ----------------------------------------------------------------------
+    def _run_simulation_online(self) -> None:
+        """``federate.online_aggr``: FS's online loop hands a broadcast to one
+        client at a time so its server can add each upload as it arrives.
+        Here each client runs FS's online aggregator itself (in client-id
+        order), and the exchange needs the virtual network: the usual loop."""
+        self._run_simulation()
+
     def _run_simulation(self) -> None:
         """FS's control flow, with virtual time filling the idle gaps."""
         to_server: list = []
         serial = 0
         queue = self.shared_comm_queue
+        split = self.wall_split
+        clock = time.perf_counter
         while True:
+            t0 = clock()
             if queue:
                 msg = queue.popleft()
                 if msg.receiver == [self.server_id]:
                     serial += 1
                     msg.serial_num = serial
                     heapq.heappush(to_server, msg)
-                else:
-                    self._handle_msg(msg)
-                    if msg.msg_type == MSG_START and self.faults.crash_clients:
-                        self._arm_crashes(msg)
-                    elif msg.msg_type == MSG_ROUND_END:
-                        self._forget_round(msg.state)
-                        for hook in self.round_hooks:
-                            hook(self, msg.state)
+                    continue
+                kind = msg.msg_type
+                if kind == MSG_START:
+                    self._choose_level(msg)
+                elif kind == MSG_ROUND_END:
+                    self._record_flow_holdings(msg)
+                self._handle_msg(msg)
+                if kind == MSG_START and self.faults.crash_clients:
+                    self._arm_crashes(msg)
+                elif kind == MSG_ROUND_END:
+                    self._forget_round(msg.state)
+                    for hook in self.round_hooks:
+                        hook(self, msg.state)
+                part = _WALL_PARTS.get(kind, "exchange")
             elif to_server:
                 self._handle_msg(heapq.heappop(to_server))
-            elif not self.network.step():
+                part = "server"
+            elif self.network.step():
+                part = "exchange"
+            else:
                 break
+            split[part] += clock() - t0
         self._closed.clear()
         self._fault_closed.clear()
         self._generation.clear()
@@ -230,6 +294,88 @@ class BitTorrentStandaloneRunner(StandaloneRunner):
                      self.crashed)
         self.progress.close()
         self.store.close()
+        log.info("wall time: %s", ", ".join(f"{k} {v:.1f} s" for k, v in self.wall_split.items()))
+
+
+    # ---- fidelity levels -----------------------------------------------------------
+    def _choose_level(self, msg: Any) -> None:
+        """A ``bt_start`` is about to reach its clients: pick the round's level
+        and, at flow level, simulate the round now."""
+        try:
+            round_idx, manifests, neighbours, timeout = wire.unpack_start(msg.content)
+        except BitTorrentError:     # malformed: the clients refuse it themselves, and count it
+            return
+        receivers = sorted(msg.receiver if isinstance(msg.receiver, list) else [msg.receiver])
+        level = self.settings.simulation
+        if level == "auto":
+            blocks = len(receivers) * sum(m.total_size for m in manifests) \
+                / self.settings.block_size
+            level = "flow" if blocks > AUTO_FLOW_BLOCKS and \
+                not self.settings.flow_unsupported() else "block"
+        self.levels[round_idx] = level
+        if level == "block":
+            self._flow_round = None
+            for cid in receivers:
+                self.client[cid].bt.session_factory = SwarmSession
+            return
+        now = self.network.now
+        result = self._flow_result(round_idx, manifests, neighbours, timeout, receivers)
+        self._flow_round = (round_idx, result, now)
+
+        def factory(me, layout, storage, config, secret=b"", now=now):
+            return FlowSessionView(result, me, layout, self.now, offset=now)
+        for cid in receivers:
+            bt = self.client[cid].bt
+            bt.session_factory = factory
+            done = result.completed_at.get(cid)
+            if done is not None:
+                # report at the very instant the last piece lands, as at block level
+                self.network.schedule(now + done, lambda bt=bt, r=round_idx: (
+                    bt._check_done() if bt.round == r and
+                    isinstance(bt.session, FlowSessionView) else None))
+
+    def _flow_result(self, round_idx: int, manifests: list, neighbours: dict,
+                     timeout: float, receivers: list[int]) -> FlowResult:
+        """The round's flow schedule, times relative to its start; the last
+        one is reused when nothing it depends on changed (sizes, links,
+        participants, topology, deadline, crashes)."""
+        crashes = {c: self.faults.crash_at for c in self.faults.crashes_in(round_idx)
+                   if c in receivers}
+        key = (tuple((m.owner, m.total_size, m.piece_size) for m in sorted(
+                   manifests, key=lambda m: m.owner)),
+               tuple(receivers), tuple(sorted((k, tuple(v)) for k, v in neighbours.items())),
+               float(timeout), tuple(sorted(crashes.items())))
+        cached_key, cached = self._flow_cache
+        if self.flow_reuse and cached is not None and cached_key == key:
+            self.flow_cpu[round_idx] = 0.0
+            return cached
+        c0 = time.process_time()
+        swarm = FlowSwarm(manifests, {c: self.links[c] for c in receivers},
+                          self.settings.swarm_config(), seed=self.settings.seed,
+                          neighbours=neighbours, peers=receivers, crashes=crashes)
+        result = swarm.run(deadline=float(timeout))
+        self.flow_cpu[round_idx] = time.process_time() - c0
+        log.info("round %s: flow-level exchange of %d pieces among %d clients simulated in "
+                 "%.2f CPU s (%d events, %d rate updates)", round_idx, swarm.P,
+                 len(receivers), self.flow_cpu[round_idx], result.events, result.rate_updates)
+        self._flow_cache = (key, result)
+        return result
+
+    def _record_flow_holdings(self, msg: Any) -> None:
+        """A flow round ends: record in the store which pieces each client
+        holds (references to the owners' verified bytes: no copy, no hash)."""
+        if self._flow_round is None or self._flow_round[0] != msg.state:
+            return
+        receivers = msg.receiver if isinstance(msg.receiver, list) else [msg.receiver]
+        for cid in receivers:
+            bt = self.client[cid].bt
+            session = bt.session
+            if not isinstance(session, FlowSessionView) or bt.round != msg.state:
+                continue
+            keys = [(owner, k) for owner, held in session.held_by_owner().items()
+                    if owner != cid for k in sorted(held)]
+            self.store.put_refs(msg.state, cid, keys)
+        self._flow_round = None
 
 
 def _corrupt_piece(payload: Any, rng: Any) -> Any:

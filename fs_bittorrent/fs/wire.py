@@ -36,8 +36,12 @@ MSG_REPORT = "bt_report"          # client -> server: round-tagged completion re
 MSG_ROUND_END = "bt_round_end"    # server -> clients: the exchange of round r is over
 MSG_STATS = "bt_stats"            # client -> server: final byte counts of round r
 MSG_PROGRESS = "bt_progress"      # client -> server: pieces held so far (distributed runs)
+MSG_GLOBAL_INIT = "bt_global_init"          # server -> clients not sampled in round 0: the initial model
+MSG_FETCH_AGGREGATE = "bt_fetch_aggregate"  # server -> an agreeing client: send your aggregate
+MSG_AGGREGATE = "bt_aggregate"              # client -> server: the aggregate (safetensors + digest)
 CONTROL_MSG_NAMES = frozenset({MSG_MANIFEST, MSG_START, MSG_REPORT, MSG_ROUND_END, MSG_STATS,
-                               MSG_PROGRESS})
+                               MSG_PROGRESS, MSG_GLOBAL_INIT, MSG_FETCH_AGGREGATE,
+                               MSG_AGGREGATE})
 
 # FS's protobuf encoding has no None: in distributed runs a message whose
 # weights the exchange replaced carries this text instead (clients map it
@@ -77,18 +81,43 @@ def manifest_from_text(text: str) -> Manifest:
     return Manifest.decode(raw)
 
 
-def pack_manifest(round_idx: int, m: Manifest, address: str = "") -> dict:
-    """``address``: the sender's data plane ``host:port`` (distributed runs)."""
-    return {"round": round_idx, "manifest": manifest_to_text(m), "address": address}
+def pack_manifest(round_idx: int, m: Manifest, address: str = "",
+                  certificate: str = "") -> dict:
+    """``address``: the sender's data plane ``host:port``; ``certificate``:
+    base64 of its TLS certificate (DER), public (distributed runs)."""
+    out = {"round": round_idx, "manifest": manifest_to_text(m), "address": address}
+    if certificate:
+        out["certificate"] = certificate
+    return out
 
 
-def unpack_manifest(content: Any) -> tuple[int, Manifest, str]:
+def unpack_manifest(content: Any) -> tuple[int, Manifest, str, str]:
+    """(round, manifest, address, certificate); the last two '' in
+    standalone runs (and the certificate with encryption off)."""
     r = _require(content, "round", int, MSG_MANIFEST)
     manifest = manifest_from_text(_require(content, "manifest", str, MSG_MANIFEST))
     address = content.get("address", "")     # '' in standalone runs
     if address != "":
         parse_address(address, f"{MSG_MANIFEST}.address")
-    return r, manifest, address
+    certificate = content.get("certificate", "")
+    if certificate != "":
+        certificate_from_text(certificate, f"{MSG_MANIFEST}.certificate")
+    return r, manifest, address, certificate
+
+
+def certificate_to_text(der: bytes) -> str:
+    return base64.b64encode(der).decode("ascii")
+
+
+def certificate_from_text(text: Any, field: str) -> bytes:
+    """Base64 text of one DER X.509 certificate -> its bytes, or a
+    ``ProtocolError`` naming ``field``."""
+    from ..net.tls import load_certificate
+    try:
+        return load_certificate(base64.b64decode(str(text).encode("ascii"), validate=True))
+    except (binascii.Error, UnicodeEncodeError, ValueError) as exc:
+        raise ProtocolError(field, str(text)[:40], f"not a base64 DER certificate: {exc}") \
+            from None
 
 
 def parse_address(text: Any, field: str) -> tuple[str, int]:
@@ -102,12 +131,33 @@ def parse_address(text: Any, field: str) -> tuple[str, int]:
 
 
 def pack_start(round_idx: int, manifests: tuple[Manifest, ...], neighbours: dict[int, list[int]],
-               timeout: float, secret: str, addresses: Mapping[int, str] = {}) -> dict:
+               timeout: float, addresses: Mapping[int, str] = {},
+               certificates: Mapping[int, str] = {}) -> dict:
+    """Everything here is public: FS's gRPC is plaintext.  No secret."""
     out = {"round": round_idx, "manifests": [manifest_to_text(m) for m in manifests],
            "neighbours": {str(k): list(v) for k, v in neighbours.items()},
-           "timeout": float(timeout), "secret": secret}
+           "timeout": float(timeout)}
     if addresses:   # FS's protobuf cannot carry an empty dict
         out["addresses"] = {str(k): v for k, v in addresses.items()}
+    if certificates:
+        out["certificates"] = {str(k): v for k, v in certificates.items()}
+    return out
+
+
+def unpack_certificates(content: Any) -> dict[int, bytes]:
+    """The data plane certificates of a start message (peer id -> DER)."""
+    raw = content.get("certificates", {}) if isinstance(content, Mapping) else {}
+    if not isinstance(raw, Mapping):
+        raise ProtocolError(f"{MSG_START}.certificates", raw,
+                            "must map client id to a base64 certificate")
+    out = {}
+    for k, v in raw.items():
+        try:
+            pid = int(k)
+        except (TypeError, ValueError):
+            raise ProtocolError(f"{MSG_START}.certificates", k,
+                                "keys must be client ids") from None
+        out[pid] = certificate_from_text(v, f"{MSG_START}.certificates[{k}]")
     return out
 
 
@@ -126,7 +176,7 @@ def unpack_addresses(content: Any) -> dict[int, tuple[str, int]]:
     return out
 
 
-def unpack_start(content: Any) -> tuple[int, list[Manifest], dict[int, list[int]], float, str]:
+def unpack_start(content: Any) -> tuple[int, list[Manifest], dict[int, list[int]], float]:
     r = _require(content, "round", int, MSG_START)
     texts = _require(content, "manifests", list, MSG_START)
     manifests = [manifest_from_text(t) for t in texts]
@@ -136,8 +186,7 @@ def unpack_start(content: Any) -> tuple[int, list[Manifest], dict[int, list[int]
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"{MSG_START}.neighbours", raw_nb, str(exc)) from None
     timeout = _require(content, "timeout", float, MSG_START)
-    secret = _require(content, "secret", str, MSG_START)
-    return r, manifests, neighbours, timeout, secret
+    return r, manifests, neighbours, timeout
 
 
 def pack_report(report: CompletionReport) -> dict:
@@ -178,12 +227,21 @@ def unpack_report(content: Any) -> CompletionReport:
 
 
 def pack_stats(round_idx: int, bytes_up: int, bytes_down: int, pieces_have: int,
-               aggregate_time: float = 0.0) -> dict:
+               aggregate_time: float = 0.0, digest: str = "") -> dict:
     """A client's final counts of round ``round_idx``, sent at round end:
     they include what it seeded after its completion report, and equal what
-    its store's ``bt_sessions`` row records; plus the seconds its FedAvg took."""
+    its store's ``bt_sessions`` row records; plus the seconds its aggregation
+    took and the sha256 (hex) of the global model it aggregated."""
     return {"round": round_idx, "bytes_up": float(bytes_up), "bytes_down": float(bytes_down),
-            "pieces_have": pieces_have, "aggregate_time": float(aggregate_time)}
+            "pieces_have": pieces_have, "aggregate_time": float(aggregate_time),
+            "digest": digest}
+
+
+def _digest(content: Any, what: str) -> str:
+    digest = _require(content, "digest", str, what)
+    if digest and (len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest)):
+        raise ProtocolError(f"{what}.digest", digest[:80], "must be 64 lowercase hex digits")
+    return digest
 
 
 def unpack_stats(content: Any) -> tuple[int, int, int, int, float]:
@@ -194,6 +252,39 @@ def unpack_stats(content: Any) -> tuple[int, int, int, int, float]:
             _require_count(content, "bytes_up", MSG_STATS),
             _require_count(content, "bytes_down", MSG_STATS),
             _require(content, "pieces_have", int, MSG_STATS), aggregate_time)
+
+
+def unpack_stats_digest(content: Any) -> str:
+    """The aggregate's digest in a ``bt_stats`` ('' when the client has none)."""
+    if isinstance(content, Mapping) and "digest" not in content:
+        return ""
+    return _digest(content, MSG_STATS)
+
+
+def pack_aggregate(round_idx: int, digest: str, state_dict: Mapping[str, Any]) -> dict:
+    """A client's aggregate for the server's own evaluation: safetensors as
+    base64 text (never pickle) and the digest it must match."""
+    return {"round": round_idx, "digest": digest, **pack_weights(state_dict)}
+
+
+def unpack_aggregate(content: Any) -> tuple[int, str, dict]:
+    return (_require(content, "round", int, MSG_AGGREGATE), _digest(content, MSG_AGGREGATE),
+            unpack_weights(content))
+
+
+def pack_round_end(round_idx: int, order: list[int]) -> dict:
+    """The exchange of round ``round_idx`` is over; ``order``: the models'
+    owners in the order the server received them (FS's aggregation order)."""
+    return {"round": round_idx, "order": [int(c) for c in order]}
+
+
+def unpack_order(content: Any) -> list[int]:
+    """The aggregation order of a ``bt_round_end`` ([] = by client id)."""
+    order = content.get("order", []) if isinstance(content, Mapping) else []
+    if not isinstance(order, list) or not all(isinstance(c, int) and not isinstance(c, bool)
+                                              for c in order):
+        raise ProtocolError(f"{MSG_ROUND_END}.order", order, "must be a list of client ids")
+    return order
 
 
 def pack_progress(round_idx: int, pieces_have: int, pieces_total: int) -> dict:

@@ -12,6 +12,7 @@ import copy
 import logging
 from typing import Any
 
+from ..errors import ConfigError
 from .config import BitTorrentSettings
 from .manager import ClientManager, ServerManager
 
@@ -34,6 +35,21 @@ class BitTorrentClientMixin:
         msg.content = self.bt.before_training(message.content)
         return super().callback_funcs_for_model_para(msg)
 
+    def _with_global_model(self, message: Any) -> Any:
+        """FS's server sends its global model with ``evaluate`` and ``finish``;
+        the exchange sends none, and the client's own copy takes its place."""
+        if message.content is not None:
+            return message
+        msg = copy.copy(message)
+        msg.content = self.bt.global_model()
+        return msg
+
+    def callback_funcs_for_evaluate(self, message: Any) -> Any:
+        return super().callback_funcs_for_evaluate(self._with_global_model(message))
+
+    def callback_funcs_for_finish(self, message: Any) -> Any:
+        return super().callback_funcs_for_finish(self._with_global_model(message))
+
 
 class BitTorrentServerMixin:
     """Coordinates rounds; never sees a weight after round 0."""
@@ -49,8 +65,27 @@ class BitTorrentServerMixin:
         return len(self.msg_buffer["train"].get(self.state, {}))
 
 
+# Server steps the exchange takes over: a server class of FS's with its own
+# version of one of them does something the clients cannot repeat.
+_TAKEN_OVER = ("_perform_federated_aggregation", "callback_funcs_model_para",
+               "broadcast_model_para", "_start_new_training_round")
+
+
+def check_server_class(server_cls: type) -> None:
+    """Refuse (``ConfigError``) a server class that overrides a step the
+    exchange replaces (FedSage+, GCFL+, FedEx, attack servers, ...)."""
+    from federatedscope.core.workers import Server
+    for name in _TAKEN_OVER:
+        if getattr(server_cls, name, None) is not getattr(Server, name):
+            raise ConfigError("federate.method", server_cls.__name__,
+                              f"its server class overrides Server.{name}, which the exchange "
+                              f"replaces (every client aggregates with FS's aggregator); set "
+                              f"bittorrent.enable False to run plain FederatedScope")
+
+
 def make_bittorrent_classes(client_cls: type, server_cls: type) -> tuple[type, type]:
     """BitTorrent variants of the given FS worker classes."""
+    check_server_class(server_cls)
     client = type(f"BitTorrent{client_cls.__name__}", (BitTorrentClientMixin, client_cls), {})
     server = type(f"BitTorrent{server_cls.__name__}", (BitTorrentServerMixin, server_cls), {})
     return client, server

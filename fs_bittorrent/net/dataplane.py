@@ -25,35 +25,49 @@ to say; this module only moves bytes and time:
   behind the messages before it (they are flushed, then the socket closed);
   the session is told ``peer_lost`` at once.
 
+Authentication and encryption (``identity``)
+--------------------------------------------
+With a :class:`~fs_bittorrent.net.tls.LocalIdentity` every connection is
+mutual TLS 1.3 before a single protocol byte moves, and each side *pins* the
+other: ``pins`` maps peer id -> SHA-256 fingerprint of the certificate the
+coordinator published for it.  The dialer checks the accepting side's
+certificate against the pin of the id it dialed; the accepting side checks,
+once the handshake names a peer id, that the id is a member (``members``)
+and that the certificate is the one pinned for it.  Without an identity
+(``bittorrent.encryption: False``) bytes travel in the clear and only the
+membership and the optional HMAC secret are checked.
+
+Unauthenticated connections are capped: at most ``max_pending_per_address``
+per source address, and at most ``max_pending`` in all from addresses that
+are not a member's (``member_hosts``), so a flood from elsewhere cannot
+lock the members out.  Each must finish TLS and the handshake within
+``handshake_timeout`` of its accept.  Refusals, caps and timeouts are
+counted in :class:`HostStats` and logged as rate-limited warnings
+(:class:`~fs_bittorrent.net.ratelog.RateLimitedWarnings`) while they happen.
+
 One connection per peer pair
 ----------------------------
 :func:`connect_mesh` lets only the *lower* id dial.  Should both sides dial
 anyway (or a reconnect cross a live connection), the connection **dialed by
 the lower id wins** on both ends: the loser is closed, and if it had already
 been introduced to the session, ``peer_lost`` resets that peer so the
-handshake is replayed on the surviving connection.  Because a handshake can
-claim any peer id, it is checked (swarm id and HMAC) *before* it may displace
-a live connection, so a peer without the secret cannot knock an honest one
-off.  A refused handshake closes the connection before the session stores
-any state for it; it is counted in ``stats.handshakes_refused``.
+handshake is replayed on the surviving connection.  Any other second
+connection for a connected peer id is closed and the live one stays.  Both
+cases are logged.  A handshake is checked (swarm id, membership, pinned
+certificate or HMAC) *before* it may displace a live connection, so with
+encryption on only the holder of the peer's key can cause either; a refused
+handshake closes the connection before the session stores any state for it
+and is counted in ``stats.handshakes_refused``.
 
-What remains for FederatedScope distributed mode
-------------------------------------------------
-* control (round start, manifests, secret, deadline, "done" reports) must go
-  through FS's comm manager (gRPC) rather than being wired up by the caller;
-* address exchange: each client should report ``(peer_id, host, port)`` of
-  its :class:`DataPlanePeer` to the server, which broadcasts the table so
-  that clients can call :func:`connect_mesh` (today tests pass ports by hand);
-* a round deadline (``session.deadline``) driven by the server, reconnect
-  with back-off after a dropped connection, TLS or at least binding to a
-  non-loopback interface, and a ``sendmsg``-based writer: on Python < 3.12
-  ``writelines`` joins the buffers (one copy of each block) inside asyncio.
+Remaining limitation: on Python < 3.12 ``writelines`` joins the buffers (one
+copy of each block) inside asyncio.
 """
 from __future__ import annotations
 
 import asyncio
 import hmac
 import logging
+import ssl
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -64,6 +78,8 @@ from ..core.layout import make_auth
 from ..core.messages import Handshake
 from ..core.session import Close, SwarmSession
 from ..errors import BitTorrentError, HandshakeRefused
+from .ratelog import RateLimitedWarnings
+from .tls import LocalIdentity, fingerprint, peer_certificate
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +100,12 @@ class HostStats:
     connections_accepted: int = 0
     connections_dialed: int = 0
     dial_failures: int = 0
-    duplicate_connections: int = 0     # closed by the lower-id-dials rule
-    handshakes_refused: int = 0
+    duplicate_connections: int = 0     # a second connection for a connected peer id
+    handshakes_refused: int = 0        # TLS or protocol handshake refused
+    tls_failures: int = 0              # of which: the TLS handshake failed
     handshake_timeouts: int = 0
+    connections_capped: int = 0        # refused at accept: too many unauthenticated
+    pending_peak: int = 0              # most unauthenticated connections at once
     protocol_errors: int = 0           # BitTorrentErrors after the handshake
     closes_by_session: int = 0
     connections_lost: int = 0          # EOF / reset from the remote side
@@ -99,7 +118,8 @@ class _Conn:
     """One TCP connection; ``pid`` is None until the handshake named it."""
 
     __slots__ = ("pid", "dialer", "reader", "writer", "queue", "tasks", "closed",
-                 "registered", "addr", "round")
+                 "registered", "addr", "round", "fingerprint", "src", "pending", "stranger",
+                 "deadline")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  pid: Optional[int], dialer: Optional[int]) -> None:
@@ -112,10 +132,15 @@ class _Conn:
         self.closed = False
         self.registered = False
         self.round: Optional[int] = None    # the swarm round it belongs to, if any
+        self.fingerprint: Optional[str] = None   # of the peer's TLS certificate
+        self.pending = False                # accepted, not yet bound to a peer id
+        self.stranger = False               # counted against ``max_pending``
+        self.deadline = float("inf")        # monotonic time its handshake must be done by
         try:
             self.addr = writer.get_extra_info("peername")
         except Exception:  # pragma: no cover
             self.addr = None
+        self.src = self.addr[0] if self.addr else "?"
 
     def __repr__(self) -> str:
         return f"<conn pid={self.pid} dialer={self.dialer} addr={self.addr}>"
@@ -126,20 +151,35 @@ class PeerHost:
     connection per remote peer (lower id's dial wins), a reader and a sender
     task per connection, and clean shutdown.
 
-    What a message *means* is left to the subclass, through four hooks:
-    ``_accept_handshake`` (may wait, may raise), ``_limits`` (the decoder's
-    limits once a connection is bound), ``_deliver`` (one decoded message)
-    and ``_lost`` (a registered connection went away).
+    What a message *means* is left to the subclass, through five hooks:
+    ``_before_tls`` (an accepted connection may wait before its TLS
+    handshake), ``_accept_handshake`` (may wait, may raise), ``_limits`` (the
+    decoder's limits once a connection is bound), ``_deliver`` (one decoded
+    message) and ``_lost`` (a registered connection went away).
+
+    ``identity``: TLS on every connection, peers pinned by ``pins``; None
+    for plaintext.  ``members``: peer ids that may connect (None: any).
     """
 
     def __init__(self, peer_id: int, host: str = "127.0.0.1", port: int = 0,
                  handshake_timeout: float = 10.0, connect_timeout: float = 5.0,
-                 max_block_size: int = 128 * 1024) -> None:
+                 max_block_size: int = 128 * 1024,
+                 identity: Optional[LocalIdentity] = None, max_pending: int = 64,
+                 max_pending_per_address: int = 8) -> None:
         self.peer_id = peer_id
         self.host = host
         self.port = port
         self.handshake_timeout = handshake_timeout
         self.connect_timeout = connect_timeout
+        self.identity = identity
+        self.max_pending = max_pending
+        self.max_pending_per_address = max_pending_per_address
+        self.pins: dict[int, str] = {}               # peer id -> certificate fingerprint
+        self.members: Optional[set] = None           # peer ids that may connect
+        self.member_hosts: set = set()               # their published addresses
+        self._pending_by_src: dict[str, int] = {}    # unauthenticated, per source address
+        self._pending_strangers = 0                  # unauthenticated, from non-members
+        self.alarms = RateLimitedWarnings(log, f"data plane {host}")
         self.stats = HostStats()
         self._server: Optional[asyncio.AbstractServer] = None
         self._conns: dict[int, _Conn] = {}          # peer id -> live connection
@@ -151,6 +191,10 @@ class PeerHost:
         self._pre_limits = WireLimits(max_block_size=max_block_size)
 
     # ---- hooks --------------------------------------------------------------
+    async def _before_tls(self, conn: _Conn, deadline: float) -> None:
+        """Wait (until ``deadline``, monotonic) before an accepted
+        connection's TLS handshake; the default does not wait."""
+
     async def _accept_handshake(self, conn: _Conn, hs: Handshake) -> None:
         """Raise :class:`HandshakeRefused` unless ``hs`` may bind ``conn``."""
         raise NotImplementedError
@@ -171,6 +215,70 @@ class PeerHost:
             return
         self._server = await asyncio.start_server(self._on_accept, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
+        self.alarms.prefix = f"data plane {self.host}:{self.port}"
+
+    def set_peers(self, certificates: dict[int, bytes],
+                  members: Optional[set] = None) -> None:
+        """Pin each peer id to its certificate (DER) and admit only
+        ``members`` (default: the ids of ``certificates``); the
+        certificates become TLS trust anchors."""
+        if self.identity is not None:
+            self.identity.trust(certificates.values())
+        self.pins = {pid: fingerprint(der) for pid, der in certificates.items()}
+        self.members = set(certificates) if members is None else set(members)
+
+    def check_identity(self, conn: _Conn, pid: int) -> None:
+        """An accepted connection's claimed ``pid`` must be a member and,
+        with TLS, present the certificate pinned for that id."""
+        if self.members is not None and pid not in self.members:
+            raise HandshakeRefused("peer_id", pid, "not a member of this round "
+                                   "(not in the coordinator's table)")
+        if self.identity is None:
+            return
+        pin = self.pins.get(pid)
+        if pin is None:
+            raise HandshakeRefused("peer_id", pid, "no certificate published for this peer id")
+        if conn.fingerprint != pin:
+            raise HandshakeRefused("peer_id", pid,
+                                   f"certificate {str(conn.fingerprint)[:16]} is not the one "
+                                   f"published for peer {pid} ({pin[:16]})")
+
+    # ---- admission of unauthenticated connections ----------------------------
+    def _admit(self, conn: _Conn) -> Optional[str]:
+        """Why ``conn`` must be refused at accept, or None (and count it)."""
+        src = conn.src
+        per = self._pending_by_src.get(src, 0)
+        if per >= self.max_pending_per_address:
+            return (f"{per} unauthenticated connections from {src} already "
+                    f"(max_pending_per_address)")
+        stranger = src not in self.member_hosts
+        if stranger and self._pending_strangers >= self.max_pending:
+            return (f"{self._pending_strangers} unauthenticated connections from non-member "
+                    f"addresses already (max_pending)")
+        self._pending_by_src[src] = per + 1
+        conn.pending, conn.stranger = True, stranger
+        self._pending_strangers += stranger
+        total = sum(self._pending_by_src.values())
+        if total > self.stats.pending_peak:
+            self.stats.pending_peak = total
+        return None
+
+    def _release(self, conn: _Conn) -> None:
+        """``conn`` is bound to a peer or gone: it no longer counts as pending."""
+        if not conn.pending:
+            return
+        conn.pending = False
+        left = self._pending_by_src.get(conn.src, 1) - 1
+        if left > 0:
+            self._pending_by_src[conn.src] = left
+        else:
+            self._pending_by_src.pop(conn.src, None)
+        if conn.stranger:
+            self._pending_strangers -= 1
+
+    @property
+    def pending_connections(self) -> int:
+        return sum(self._pending_by_src.values())
 
     @property
     def connected_peers(self) -> list[int]:
@@ -179,9 +287,22 @@ class PeerHost:
     async def _dial(self, peer_id: int, host: str, port: int) -> Optional[_Conn]:
         """Open a connection to ``peer_id``, register it and start its tasks;
         None if the dial failed or a live connection wins."""
+        kw: dict = {}
+        timeout = self.connect_timeout
+        if self.identity is not None:
+            if peer_id not in self.pins:
+                self.stats.dial_failures += 1
+                log.warning("peer %s: no certificate published for peer %s: not dialing",
+                            self.peer_id, peer_id)
+                return None
+            # The accepting side may hold its TLS handshake until it has
+            # begun the round (``_before_tls``): allow for that wait.
+            timeout = self.connect_timeout + self.handshake_timeout
+            kw = dict(ssl=self.identity.client_context, server_hostname="",
+                      ssl_handshake_timeout=timeout)
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port), self.connect_timeout)
+                asyncio.open_connection(host, port, **kw), timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             self.stats.dial_failures += 1
             self.stats.errors.append(f"dial {peer_id} at {host}:{port}: {exc!r}")
@@ -191,8 +312,20 @@ class PeerHost:
         if self._closed:
             writer.close()
             return None
+        fp = None
+        if self.identity is not None:
+            fp = fingerprint(peer_certificate(writer.get_extra_info("ssl_object")) or b"")
+            if fp != self.pins.get(peer_id):
+                writer.close()
+                self.stats.dial_failures += 1
+                self.stats.handshakes_refused += 1
+                self.stats.errors.append(f"dial {peer_id}: certificate {fp[:16]} not pinned")
+                self.alarms.note("pin", f"{host}:{port} is not peer {peer_id}: certificate "
+                                 f"{fp[:16]} is not the one published for it")
+                return None
         self.stats.connections_dialed += 1
         conn = _Conn(reader, writer, peer_id, self.peer_id)
+        conn.fingerprint = fp
         self._all.add(conn)
         if not self._register(conn):
             return None
@@ -205,6 +338,7 @@ class PeerHost:
         if self._closed:
             return
         self._closed = True
+        self.alarms.close()
         if self._server is not None:
             self._server.close()
         for conn in list(self._all):
@@ -226,6 +360,8 @@ class PeerHost:
                 pass
         self._all.clear()
         self._conns.clear()
+        self._pending_by_src.clear()
+        self._pending_strangers = 0
         if self._server is not None:
             try:
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
@@ -248,17 +384,46 @@ class PeerHost:
         if self._closed:
             writer.close()
             return
-        self.stats.connections_accepted += 1
         conn = _Conn(reader, writer, None, None)
+        why = self._admit(conn)
+        if why is not None:
+            self.stats.connections_capped += 1
+            self.alarms.note("cap", why)
+            writer.transport.abort()
+            return
+        self.stats.connections_accepted += 1
+        if self.identity is not None:
+            # Bytes read before ``start_tls`` would land in the plaintext
+            # stream and be lost to TLS: read nothing until then.
+            writer.transport.pause_reading()
         self._all.add(conn)
         self._start_conn(conn)
+
+    async def _secure(self, conn: _Conn, deadline: float) -> None:
+        """TLS on an accepted connection (server side), within ``deadline``;
+        remembers the fingerprint of the certificate the peer proved."""
+        await self._before_tls(conn, deadline)
+        left = deadline - now()
+        if left <= 0:
+            raise asyncio.TimeoutError
+        try:
+            await asyncio.wait_for(conn.writer.start_tls(
+                self.identity.server_context, ssl_handshake_timeout=left), left)
+        except (ssl.SSLError, ConnectionError) as exc:
+            self.stats.tls_failures += 1
+            raise HandshakeRefused("tls", type(exc).__name__,
+                                   f"TLS handshake failed: {exc}") from None
+        der = peer_certificate(conn.writer.get_extra_info("ssl_object"))
+        conn.fingerprint = fingerprint(der) if der else None
 
     # ---- inbound ------------------------------------------------------------
     async def _reader_loop(self, conn: _Conn) -> None:
         decoder = FrameDecoder(self._pre_limits, expect_handshake=True)
-        deadline = now() + self.handshake_timeout
+        deadline = conn.deadline = now() + self.handshake_timeout
         reason = "eof"
         try:
+            if conn.pending and self.identity is not None:
+                await self._secure(conn, deadline)
             while not conn.closed:
                 if decoder.handshake_done:
                     data = await conn.reader.read(_READ_CHUNK)
@@ -283,15 +448,22 @@ class PeerHost:
                     self._deliver(conn, msg)
         except asyncio.TimeoutError:
             self.stats.handshake_timeouts += 1
+            self.alarms.note("handshake timeout", f"{conn.src}: no handshake within "
+                             f"{self.handshake_timeout:g}s")
             reason = "handshake timeout"
         except BitTorrentError as exc:
+            self.stats.errors.append(f"{conn!r}: {type(exc).__name__}: {exc}")
             if isinstance(exc, HandshakeRefused) or not conn.registered:
+                # Unauthenticated: counted, and warned about at a bounded rate.
                 self.stats.handshakes_refused += 1
+                log.info("peer %s: dropping %r: %s: %s", self.peer_id, conn,
+                         type(exc).__name__, exc)
+                self.alarms.note(f"refused ({getattr(exc, 'field', 'handshake')})",
+                                 f"{conn.src}: {exc}")
             else:
                 self.stats.protocol_errors += 1
-            self.stats.errors.append(f"{conn!r}: {type(exc).__name__}: {exc}")
-            log.warning("peer %s: dropping %r: %s: %s", self.peer_id, conn,
-                        type(exc).__name__, exc)
+                log.warning("peer %s: dropping %r: %s: %s", self.peer_id, conn,
+                            type(exc).__name__, exc)
             reason = f"{type(exc).__name__}: {exc}"
         except (ConnectionError, OSError) as exc:
             reason = repr(exc)
@@ -312,6 +484,7 @@ class PeerHost:
         await self._accept_handshake(conn, hs)
         if conn.closed:
             return False
+        self.check_identity(conn, hs.peer_id)
         conn.pid = hs.peer_id
         conn.dialer = hs.peer_id
         if not self._register(conn):
@@ -326,14 +499,17 @@ class PeerHost:
         live = self._conns.get(pid)
         if live is not None and live is not conn:
             winner = min(self.peer_id, pid)
+            self.stats.duplicate_connections += 1
             if conn.dialer != winner or live.dialer == winner:
-                self.stats.duplicate_connections += 1
-                log.debug("peer %s: duplicate connection %r closed", self.peer_id, conn)
+                self.alarms.note("duplicate", f"{conn.src}: second connection for peer {pid}; "
+                                 f"the live one ({live.src}, dialed by {live.dialer}) stays")
                 self._drop(conn, "duplicate connection", graceful=False)
                 return False
-            self.stats.duplicate_connections += 1
-            log.debug("peer %s: %r replaces %r", self.peer_id, conn, live)
+            log.warning("peer %s: a connection dialed by peer %s (%s) replaces the one "
+                        "dialed by %s (lower id's dial wins)", self.peer_id, conn.dialer,
+                        conn.src, live.dialer)
             self._drop(live, "replaced by the lower id's connection", graceful=False)
+        self._release(conn)
         self._conns[pid] = conn
         conn.registered = True
         return True
@@ -390,6 +566,7 @@ class PeerHost:
         if conn.closed:
             return
         conn.closed = True
+        self._release(conn)
         was_live = conn.registered and self._conns.get(conn.pid) is conn
         if was_live:
             del self._conns[conn.pid]
@@ -425,9 +602,15 @@ class DataPlanePeer(PeerHost):
 
     def __init__(self, session: SwarmSession, host: str = "127.0.0.1", port: int = 0,
                  tick_interval: float = 0.1, handshake_timeout: float = 10.0,
-                 connect_timeout: float = 5.0) -> None:
+                 connect_timeout: float = 5.0, identity: Optional[LocalIdentity] = None,
+                 certificates: Optional[dict[int, bytes]] = None, **caps: int) -> None:
+        """``identity`` + ``certificates`` (peer id -> DER certificate, every
+        member's): mutual TLS with those peers pinned.  ``caps``:
+        ``max_pending``, ``max_pending_per_address``."""
         super().__init__(session.peer_id, host, port, handshake_timeout, connect_timeout,
-                         session.config.max_block_size)
+                         session.config.max_block_size, identity=identity, **caps)
+        if certificates is not None:
+            self.set_peers(certificates)
         self.session = session
         self.tick_interval = tick_interval
         self._complete = asyncio.Event()

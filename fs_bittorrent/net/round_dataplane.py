@@ -8,12 +8,18 @@ decoded message to ``handler.handle_peer(peer, round, msg)``.
 
 Rounds
 ------
-``begin_round(r, session, addresses)`` makes ``r`` current: connections of
-earlier rounds are closed and their swarm ids remembered.  Every connection
-belongs to the round its handshake named:
+``begin_round(r, session, addresses, certificates)`` makes ``r`` current:
+connections of earlier rounds are closed and their swarm ids remembered.
+The round's table (the coordinator's ``bt_start``) is its membership: only
+the ids in ``addresses`` may connect, and with an ``identity`` (TLS) each
+only with the certificate published for it.  Every connection belongs to
+the round its handshake named:
 
-* a handshake for the **current** round is checked (swarm id, HMAC with the
-  experiment secret, bans) before it can take over a connection;
+* an accepted connection that arrives between rounds (this client has not
+  begun the round its peer already has) waits for ``begin_round`` before
+  its TLS handshake, within ``handshake_timeout``;
+* a handshake for the **current** round is checked (swarm id, membership,
+  pinned certificate or HMAC, bans) before it can take over a connection;
 * one for an **old** round is refused at once and logged;
 * one for a swarm id not known yet -- a faster peer that already started the
   **next** round -- is *parked*: the connection waits (the kernel buffers
@@ -54,7 +60,8 @@ from ..core.faults import FaultDecider, Faults, flip_byte
 from ..core.messages import Handshake, Piece
 from ..core.session import Close, SwarmSession
 from ..errors import HandshakeRefused
-from .dataplane import PeerHost, _Conn, check_handshake
+from .dataplane import PeerHost, now, _Conn, check_handshake
+from .tls import LocalIdentity
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +83,11 @@ class RoundDataPlane(PeerHost):
                  handshake_timeout: float = 10.0, connect_timeout: float = 5.0,
                  dial_attempts: int = 4, max_block_size: int = 128 * 1024,
                  faults: Faults = Faults(), fault_seed: object = 0,
-                 max_redials: int = 3) -> None:
-        super().__init__(-1, host, port, handshake_timeout, connect_timeout, max_block_size)
+                 max_redials: int = 3, identity: Optional[LocalIdentity] = None,
+                 max_pending: int = 64, max_pending_per_address: int = 8) -> None:
+        super().__init__(-1, host, port, handshake_timeout, connect_timeout, max_block_size,
+                         identity=identity, max_pending=max_pending,
+                         max_pending_per_address=max_pending_per_address)
         self.handler = handler
         self.dial_attempts = dial_attempts
         self.faults = faults
@@ -104,12 +114,19 @@ class RoundDataPlane(PeerHost):
 
     # ---- rounds -------------------------------------------------------------
     def begin_round(self, round_idx: int, session: SwarmSession,
-                    addresses: dict[int, tuple[str, int]]) -> None:
-        """Make ``round_idx`` current; close what is left of older rounds."""
+                    addresses: dict[int, tuple[str, int]],
+                    certificates: Optional[dict[int, bytes]] = None) -> None:
+        """Make ``round_idx`` current; close what is left of older rounds.
+
+        ``addresses`` (peer id -> (host, port)) is the round's membership;
+        ``certificates`` (peer id -> DER) pins them when TLS is on: a member
+        without a certificate cannot connect then."""
         self.end_round()
         self.peer_id = session.peer_id
         self.round, self.session = round_idx, session
         self.addresses = dict(addresses)
+        self.set_peers(dict(certificates or {}), set(self.addresses) | {self.peer_id})
+        self.member_hosts = {host for host, _ in self.addresses.values()}
         self._limits_now = WireLimits(num_pieces=session.layout.num_pieces,
                                       max_block_size=session.config.max_block_size)
         self._redials = {}
@@ -233,15 +250,28 @@ class RoundDataPlane(PeerHost):
             self._enqueue(dst, msg)
 
     # ---- hooks --------------------------------------------------------------
+    async def _before_tls(self, conn: _Conn, deadline: float) -> None:
+        """Between rounds our trust anchors may lack the dialer's certificate
+        (it began the round first): hold the TLS handshake until we begin
+        one.  Ended by ``handshake_timeout`` like any silent connection."""
+        while self.session is None and not self._closed:
+            left = deadline - now()
+            if left <= 0:
+                raise asyncio.TimeoutError
+            try:
+                await asyncio.wait_for(self._round_changed.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+
     async def _accept_handshake(self, conn: _Conn, hs: Handshake) -> None:
-        deadline = asyncio.get_running_loop().time() + self.handshake_timeout
+        deadline = conn.deadline            # from its accept: TLS, handshake and parking
         waited = False
         while self.session is None or hs.swarm_id != self.session.layout.swarm_id:
             old = self._past_swarms.get(hs.swarm_id)
             if old is not None:
                 raise HandshakeRefused("swarm_id", hs.swarm_id.hex(),
                                        f"round {old} is over")
-            left = deadline - asyncio.get_running_loop().time()
+            left = deadline - now()
             if left <= 0:
                 raise HandshakeRefused("swarm_id", hs.swarm_id.hex(),
                                        f"no such swarm here after waiting "

@@ -154,7 +154,13 @@ def build_report(outdir: str | Path, out: Optional[str | Path] = None,
                  compare: Optional[str | Path] = None) -> Path:
     """Write the PNGs and report.html; returns the path of report.html."""
     from . import html as html_mod
-    from . import plots
+    try:
+        from . import plots
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] != "matplotlib":
+            raise
+        raise ReportError("the plots need matplotlib, which is not installed: "
+                          "pip install matplotlib (or pip install -e '.[plots]')") from None
     run = load_run(outdir, require_rounds=True)
     other = load_run(compare, require_rounds=False) if compare is not None else None
     if other is not None and other.label == run.label:
@@ -167,5 +173,13 @@ def build_report(outdir: str | Path, out: Optional[str | Path] = None,
     return html_mod.write_html(run, out_dir, pngs, metric=metric, other=other)
 
 
+def report_text(outdir: str | Path, compare: Optional[str | Path] = None) -> str:
+    """The per-round figures and the accuracy line as text (summary.py)."""
+    from .summary import render_summary
+    run = load_run(outdir, require_rounds=True)
+    other = load_run(compare, require_rounds=False) if compare is not None else None
+    return render_summary(run, pick_metric(run, *([other] if other else [])), other)
+
+
 __all__ = ["ReportError", "RunData", "find_expdir", "load_rounds", "load_evals",
-           "parse_eval_line", "load_run", "pick_metric", "build_report"]
+           "parse_eval_line", "load_run", "pick_metric", "build_report", "report_text"]

@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Optional
 
-from . import ReportError, build_report
+from . import ReportError, build_report, report_text
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -22,10 +22,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
         page = build_report(args.outdir, out=args.out, compare=args.compare)
+        text = report_text(args.outdir, compare=args.compare)
     except ReportError as exc:
         print(f"fs-bittorrent report: {exc}", file=sys.stderr)
         return 2
     print(f"report written: {page}")
+    print(text)
     return 0
 
 

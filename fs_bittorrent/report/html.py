@@ -14,6 +14,8 @@ CAPTIONS = {
     "bytes": "Bytes uploaded and downloaded per client (summed over rounds)",
     "eta": "η per round, and exchange time vs T_LB",
     "metric": "Test metric against exchange time and per round",
+    "operations": "Traffic against plain FS's star, piece store size and completion rate "
+                  "per round",
 }
 
 CSS = """

@@ -22,6 +22,7 @@ PNG_NAMES = {
     "bytes": "bytes.png",
     "eta": "eta.png",
     "metric": "metric.png",
+    "operations": "operations.png",
 }
 
 
@@ -286,6 +287,55 @@ def plot_metric(run: RunData, path: Path, metric: Optional[str],
     return _save(fig, path)
 
 
+def plot_operations(run: RunData, path: Path) -> Path:
+    """What an operator watches per round: bytes moved by the exchange
+    against plain FS's star and the server's own bytes; the piece store's
+    size; the completion rate."""
+    rows = [r for r in run.rounds if isinstance(r.get("round"), int)]
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 4.2))
+    rnd = [r["round"] for r in rows]
+    series = {k: [num(r.get(k)) for r in rows]
+              for k in ("bytes_total", "star_bytes_total", "server_bytes", "store_bytes_total",
+                        "completion_ratio")}
+    if not rows or all(v is None for v in series["star_bytes_total"]):
+        _no_data(ax1, "no star_bytes_total in bittorrent_rounds.jsonl (an older run?)")
+    else:
+        top = max(v for k in ("bytes_total", "star_bytes_total", "server_bytes")
+                  for v in series[k] if v is not None)
+        div, unit = _byte_unit(top)
+        for key, label, style in (("bytes_total", "exchange: all bytes moved", "o-"),
+                                  ("star_bytes_total", "plain FS star: via the server", "s--"),
+                                  ("server_bytes", "exchange: the server's own bytes", "^-")):
+            pts = [(x, v / div) for x, v in zip(rnd, series[key]) if v is not None]
+            if pts:
+                ax1.plot(*zip(*pts), style, label=label)
+        ax1.set_ylabel(unit)
+        ax1.legend(fontsize=8)
+    ax1.set_title("Traffic per round")
+    store = [(x, v) for x, v in zip(rnd, series["store_bytes_total"]) if v is not None]
+    if store:
+        div, unit = _byte_unit(max(v for _, v in store))
+        ax2.plot([x for x, _ in store], [v / div for _, v in store], "o-", color="tab:green")
+        ax2.set_ylabel(f"{unit} on disk (peak of the round)")
+        ax2.set_ylim(0, max(v / div for _, v in store) * 1.2)
+    else:
+        _no_data(ax2, "no store_bytes_total")
+    ax2.set_title("Piece store size")
+    comp = [(x, v) for x, v in zip(rnd, series["completion_ratio"]) if v is not None]
+    if comp:
+        ax3.plot([x for x, _ in comp], [v for _, v in comp], "o-", color="tab:purple")
+        ax3.set_ylim(-0.05, 1.05)
+        ax3.set_ylabel("clients complete / clients")
+    else:
+        _no_data(ax3, "no completion_ratio")
+    ax3.set_title("Completion rate")
+    for ax in (ax1, ax2, ax3):
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def make_all(run: RunData, out_dir: Path, metric: Optional[str] = None,
              other: Optional[RunData] = None) -> dict[str, Path]:
     """Write every plot; returns {kind: path}."""
@@ -295,4 +345,5 @@ def make_all(run: RunData, out_dir: Path, metric: Optional[str] = None,
         "bytes": plot_bytes(run, out_dir / PNG_NAMES["bytes"]),
         "eta": plot_eta(run, out_dir / PNG_NAMES["eta"]),
         "metric": plot_metric(run, out_dir / PNG_NAMES["metric"], metric, other),
+        "operations": plot_operations(run, out_dir / PNG_NAMES["operations"]),
     }

@@ -70,7 +70,9 @@ def inspect(path: str, round_filter: Optional[int] = None) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="fs-bittorrent inspect",
                                  description="Sessions and pieces per round and peer.")
-    ap.add_argument("db", help="path of a pieces.db (e.g. <outdir>/bittorrent/pieces.db)")
+    ap.add_argument("db", help="path of a piece store: <outdir>/bittorrent/pieces.db "
+                               "(standalone) or <outdir>/bittorrent/client_<id>.db "
+                               "(distributed, one per client)")
     ap.add_argument("--round", type=int, default=None, help="only this round")
     args = ap.parse_args(argv)
     try:

@@ -62,7 +62,7 @@ Design choices, and why:
   ``page_size=65536`` (a 256 KiB blob is 4 overflow pages, not 64: ~15-25 %
   faster ingest than 4 KiB pages, measured), ``auto_vacuum=INCREMENTAL``
   (so :meth:`~SQLitePieceStore.cleanup` can give space back, in small
-  steps, see ``_give_space_back``), ``secure_delete=FAST`` (Debian builds
+  steps, see ``give_space_back``), ``secure_delete=FAST`` (Debian builds
   default to ON, which zeroes every freed page: dropping a 1 GiB round
   then wrote 1 GiB of zeros, 4-9 s), a 256 MiB
   ``mmap_size`` on the reader (blob reads skip a copy) and
@@ -89,8 +89,10 @@ from typing import Any, Callable, Optional, Union
 
 from ..core.manifest import Manifest
 from ..errors import BitTorrentError, HashMismatch, StoreError
+from . import writer_lock
 
-__all__ = ["SQLitePieceStore", "HolderView", "SCHEMA_VERSION", "SESSION_FIELDS"]
+__all__ = ["SQLitePieceStore", "HolderView", "SCHEMA_VERSION", "SESSION_FIELDS",
+           "delete_rounds", "give_space_back"]
 
 Bytes = Union[bytes, bytearray, memoryview]
 
@@ -230,12 +232,15 @@ class SQLitePieceStore:
         self._thread: Optional[threading.Thread] = None
         self._wconn: Optional[sqlite3.Connection] = None
         self._rconn: Optional[sqlite3.Connection] = None
+        # "a writer has this store open", for `fs-bittorrent clean` (writer_lock.py)
+        self._writer_lock: Optional[int] = None
         try:
             self._wconn = self._connect()
             self._setup_writer()
             self._rconn = self._connect()
             self._setup_reader()
             self._check_on_open(verify_on_open)
+            self._writer_lock = writer_lock.hold_shared(self.path)
         except sqlite3.DatabaseError as e:
             self._close_connections()
             raise StoreError("path", self.path, f"not a usable piece store: {e}") from None
@@ -450,6 +455,8 @@ class SQLitePieceStore:
         for c in (self._rconn, self._wconn):
             if c is not None:
                 c.close()
+        writer_lock.release(self._writer_lock)
+        self._writer_lock = None
 
     @property
     def pending_count(self) -> int:
@@ -734,6 +741,42 @@ class SQLitePieceStore:
                     self._cv.wait()
             return blob
 
+    def put_refs(self, round: int, holder: int, keys: Any) -> int:
+        """Record that ``holder`` now holds pieces whose bytes are already here.
+
+        ``keys``: ``(source, piece_index)`` pairs.  Each piece's blob must be
+        stored already (put by its owner, verified then): only a reference
+        row is added, so a simulated holder costs a row, not a copy or a
+        hash.  Everything is checked first (manifest known, index in range,
+        blob present); on any error nothing is written.  Returns the rows
+        added (pieces the holder already had are skipped).
+        """
+        r, h = _uint("round", round), _uint("holder", holder)
+        with self._lock:
+            self._check_open()
+            self.flush()                          # the owners' blobs are committed
+            t = float(self._now())
+            rows = []
+            for source, index in keys:
+                s, i = _uint("source", source), _uint("piece_index", index)
+                m = self._manifest(r, s, "source")
+                if i >= m.num_pieces:
+                    raise StoreError("piece_index", i,
+                                     f"owner {s} has {m.num_pieces} pieces in round {r}")
+                rows.append((r, s, i, h, m.piece_hashes[i], m.piece_length(i), t))
+            if not rows:
+                return 0
+            c = self._wconn
+            try:
+                with self._wlock, _Tx(c):
+                    before = c.total_changes
+                    c.executemany(_INSERT_CHUNK, rows)
+                    added = c.total_changes - before
+            except sqlite3.IntegrityError as e:
+                raise StoreError("keys", len(rows),
+                                 f"a piece's bytes are not in the store: {e}") from None
+            return added
+
     def _remember(self, sha: bytes, blob: bytes) -> None:
         rec = self._recent
         if rec.get(sha) is not blob:
@@ -905,23 +948,10 @@ class SQLitePieceStore:
             self.flush()
             dropped = self.rounds()[:-keep_rounds]
             counts: dict[str, Any] = {"rounds": dropped}
-            c = self._wconn
             with self._wlock:
-                with _Tx(c):
-                    if dropped:
-                        cutoff = dropped[-1]
-                        for what, table in (("chunks", "bt_chunks"), ("sessions", "bt_sessions"),
-                                            ("manifests", "bt_manifests")):
-                            counts[what] = c.execute(f"DELETE FROM {table} WHERE round <= ?",
-                                                     (cutoff,)).rowcount
-                    else:
-                        counts.update(chunks=0, sessions=0, manifests=0)
-                    counts["blobs"] = c.execute(
-                        "DELETE FROM bt_blobs WHERE NOT EXISTS "
-                        "(SELECT 1 FROM bt_chunks c WHERE c.sha256 = bt_blobs.sha256)").rowcount
-                counts["pages_freed"] = self._give_space_back()
-                # the file only shrinks once the WAL is checkpointed into it
-                c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                # nothing of round <= -1 exists: the blob sweep alone
+                cutoff = dropped[-1] if dropped else -1
+                counts.update(delete_rounds(self._wconn, "round <= ?", (cutoff,)))
             if dropped:
                 cutoff = dropped[-1]
                 for key in [k for k in self._manifests if k[0] <= cutoff]:
@@ -930,29 +960,6 @@ class SQLitePieceStore:
             if counts["blobs"]:
                 self._recent.clear()
             return counts
-
-    def _give_space_back(self) -> int:
-        """``PRAGMA incremental_vacuum`` in small steps; returns pages released.
-
-        One big incremental_vacuum makes every freed page dirty; once they
-        outgrow the page cache they spill into the WAL, so dropping a 1 GiB
-        round wrote ~1 GiB of dead pages (measured 5 s).  In steps smaller
-        than the cache, each step commits with a truncated file and dead
-        pages are never written (measured 0.6-0.9 s per GiB).  Each step is its
-        own transaction, so a crash mid-way leaves a valid, smaller file.
-        (``executescript``: the sqlite3 module's ``execute`` would step the
-        pragma once and free a single page.)
-        """
-        c = self._wconn
-        step = max(1, VACUUM_STEP_BYTES // c.execute("PRAGMA page_size").fetchone()[0])
-        start = free = c.execute("PRAGMA freelist_count").fetchone()[0]
-        while free:
-            c.executescript(f"PRAGMA incremental_vacuum({step});")
-            left = c.execute("PRAGMA freelist_count").fetchone()[0]
-            if left >= free:                     # cannot shrink further
-                break
-            free = left
-        return start - free
 
     def stats(self) -> dict[str, Any]:
         """Rows per table, stored vs. logical bytes, pages and file sizes."""
@@ -1070,3 +1077,46 @@ class HolderView:
 
     def __len__(self) -> int:
         return len(self.keys())
+
+
+def delete_rounds(conn: sqlite3.Connection, where: str, params: tuple) -> dict[str, int]:
+    """Delete the chunks, sessions and manifests of the rounds ``where``
+    selects (an SQL condition on ``round``) and every blob no chunk still
+    references, in one transaction; then give the space back and truncate
+    the WAL.  Used by :meth:`SQLitePieceStore.cleanup` and by
+    ``fs-bittorrent clean``.  Returns rows deleted per kind and pages freed."""
+    counts: dict[str, int] = {}
+    with _Tx(conn):
+        for what, table in (("chunks", "bt_chunks"), ("sessions", "bt_sessions"),
+                            ("manifests", "bt_manifests")):
+            counts[what] = conn.execute(f"DELETE FROM {table} WHERE {where}", params).rowcount
+        counts["blobs"] = conn.execute(
+            "DELETE FROM bt_blobs WHERE NOT EXISTS "
+            "(SELECT 1 FROM bt_chunks c WHERE c.sha256 = bt_blobs.sha256)").rowcount
+    counts["pages_freed"] = give_space_back(conn)
+    # the file only shrinks once the WAL is checkpointed into it
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    return counts
+
+
+def give_space_back(conn: sqlite3.Connection) -> int:
+    """``PRAGMA incremental_vacuum`` in small steps; returns pages released.
+
+    One big incremental_vacuum makes every freed page dirty; once they
+    outgrow the page cache they spill into the WAL, so dropping a 1 GiB
+    round wrote ~1 GiB of dead pages (measured 5 s).  In steps smaller
+    than the cache, each step commits with a truncated file and dead
+    pages are never written (measured 0.6-0.9 s per GiB).  Each step is its
+    own transaction, so a crash mid-way leaves a valid, smaller file.
+    (``executescript``: the sqlite3 module's ``execute`` would step the
+    pragma once and free a single page.)
+    """
+    step = max(1, VACUUM_STEP_BYTES // conn.execute("PRAGMA page_size").fetchone()[0])
+    start = free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    while free:
+        conn.executescript(f"PRAGMA incremental_vacuum({step});")
+        left = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        if left >= free:                     # cannot shrink further
+            break
+        free = left
+    return start - free

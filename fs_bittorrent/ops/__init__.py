@@ -1,0 +1,2 @@
+"""Operating a deployment: ``fs-bittorrent clean`` (rollback) and
+``fs-bittorrent check`` (preflight).  See docs/operations.md."""
