@@ -128,6 +128,16 @@ class Picks:
         return len(self.blocks) + len(self.shared) + len(self.duplicates)
 
 
+def uplinks_heterogeneous(uplinks: Iterable[float], spread: float = 2.0) -> bool:
+    """Do known uplink capacities differ by more than ``spread`` (fastest /
+    slowest)?  The first-copy plan pays only then: on uniform links it slows
+    the start of a round (each piece leaves its owner once, so the swarm
+    ramps up later; measured in docs/benchmarks.md), while a slow owner
+    costs far more without it.  Unknown capacities (no value) say no."""
+    ups = [u for u in uplinks if u > 0]
+    return bool(ups) and max(ups) > spread * min(ups)
+
+
 def first_copy_plan(layout: SwarmLayout) -> list[int]:
     """Designated first receiver of every piece (-1: none), the same at every peer.
 
@@ -336,7 +346,9 @@ class PiecePicker:
         # unrequested blocks of pieces assigned to other peers (from the
         # back; their peer takes from the front), so it is not idle while a
         # slow one still has a piece's blocks to go.  No byte is asked twice.
-        if room > 0 and fast and self.partials:
+        # (a scan only while some block is unrequested: O(1) check, it
+        # skips the scan of every partial piece in the end game)
+        if room > 0 and fast and self.partials and self.missing_blocks > len(self.outstanding):
             room, reserve_free = self._share(peer, peer_has, room, reserve_free, now, picks)
         # 4. end game: duplicate the oldest outstanding blocks, once each
         if end_game_ok and room > 0 and self.in_end_game:
