@@ -33,9 +33,16 @@ def both(owners, links, deadline=None):
     return block, flow
 
 
-# (scenario, tolerance on the exchange time): measured -1.5 %, +11 %, +17 %,
-# -1.7 %, -1.5 %, +2.2 % at this size; within 5 % on 16 x 8 MB and larger.
-AGREEMENT = [("uniform", 0.05), ("half_slow", 0.15), ("one_slow", 0.20),
+# (scenario, tolerance on the exchange time): measured -1.4 %, -15.8 %, -1.6 %,
+# -3.5 %, -1.3 %, +1.9 % at this size (flow minus block, relative).  Both levels
+# use the upload-aware source rules of issue 12 where uplinks differ
+# (first-copy plan, sparing slow sources); the flow level applies them per
+# piece from the pairs' max-min rates, while the block level judges sources
+# by measured rates (EWMA) and also lets fast idle sources share the open
+# blocks of other peers' pieces.  In half_slow (half the uplinks 10x slower,
+# 8 pieces per owner) that leaves the fluid model 16 % faster than the block
+# level, hence 0.20 there; before issue 12 the flow level was 11 % slower.
+AGREEMENT = [("uniform", 0.05), ("half_slow", 0.20), ("one_slow", 0.05),
              ("fast_quarter", 0.05), ("lognormal", 0.05), ("up10_down100", 0.05)]
 
 

@@ -33,10 +33,12 @@ nothing of messages; the session drives it.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
+from .config import SwarmConfig
 from .layout import SwarmLayout
 from .storage import Bytes
 
@@ -136,6 +138,16 @@ def uplinks_heterogeneous(uplinks: Iterable[float], spread: float = 2.0) -> bool
     costs far more without it.  Unknown capacities (no value) say no."""
     ups = [u for u in uplinks if u > 0]
     return bool(ups) and max(ups) > spread * min(ups)
+
+
+def plan_where_uplinks_differ(config: SwarmConfig, uplinks: Iterable[float]) -> SwarmConfig:
+    """``config`` with the first-copy plan switched off (``first_copy_wait``
+    0) unless the known uplinks differ (``uplinks_heterogeneous``): the
+    simulator and the FS runner know the links, and uniform swarms then
+    pick exactly as before issue 12."""
+    if config.first_copy_wait > 0 and not uplinks_heterogeneous(uplinks):
+        return dataclasses.replace(config, first_copy_wait=0.0)
+    return config
 
 
 def first_copy_plan(layout: SwarmLayout) -> list[int]:

@@ -36,7 +36,7 @@ from .messages import (PROTOCOL_NAME, Bitfield, Cancel, Choke, Credit, Handshake
                        Interested, KeepAlive, Message, NotInterested, Piece, Request,
                        Unchoke)
 from .peer import PeerState
-from .picker import PiecePicker
+from .picker import PiecePicker, Picks
 from .storage import Bytes, PieceStorage
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,10 @@ class SwarmSession:
                                   seed=(config.seed * 1_000_003 + peer_id) & 0xFFFFFFFF,
                                   end_game_threshold=config.end_game_threshold,
                                   me=peer_id, plan=config.first_copy_wait > 0)
+        # Upload-aware source choice (first-copy plan, slow and fast sources):
+        # all of it off with first_copy_wait 0 (build_swarm and the FS runner
+        # set that where the known uplinks are uniform).
+        self._upload_aware = config.first_copy_wait > 0
         self._idle_since: Optional[float] = None  # nothing in flight anywhere since
         # Our total download rate (EWMA, like PeerState's), which says how
         # long we still expect to download: a source that cannot finish a
@@ -687,8 +691,13 @@ class SwarmSession:
         # asked only for pieces nobody else holds.  Unknown rates count as
         # fast for relays but not for an owner's own pieces, whose uplink is
         # kept for what only it can give.
-        rate = p.rate_in
         picker = self.picker
+        if not self._upload_aware:
+            # first_copy_wait 0: BitTorrent's picking as before issue 12
+            picks = picker.pick(pid, p.has, room, cfg.credit_bytes - p.reserved_total,
+                                inflight <= 1, now, cfg.end_game_delay)
+            return self._send_picks(p, picks, now)
+        rate = p.rate_in
         if not picker.outstanding:
             slow, known = False, True  # nothing in flight anywhere: take what there is
             if self._idle_since is None:
@@ -704,6 +713,11 @@ class SwarmSession:
         picks = picker.pick(pid, p.has, room, cfg.credit_bytes - p.reserved_total,
                             inflight <= 1, now, cfg.end_game_delay, not slow, known and not slow,
                             rate > 0.0 and 2 * rate >= self._best_rate)
+        return self._send_picks(p, picks, now)
+
+    def _send_picks(self, p: PeerState, picks: Picks, now: float) -> list[Outgoing]:
+        """Reserve credit for ``picks`` and send their requests to ``p``."""
+        pid = p.peer_id
         blocks, duplicates = picks.blocks, picks.duplicates
         if picks.shared:
             # per-block reservations with the same life cycle as end-game copies
@@ -759,8 +773,9 @@ class SwarmSession:
             return []
         out: list[Outgoing] = []
         cfg = self.config
-        self._best_rate = max((p.rate_in for p in self.peers.values()), default=0.0)
-        self._slow_owners = self._judge_owners(now)
+        if self._upload_aware:
+            self._best_rate = max((p.rate_in for p in self.peers.values()), default=0.0)
+            self._slow_owners = self._judge_owners(now)
         for p in list(self.peers.values()):
             if now - p.last_recv > cfg.peer_timeout:
                 log.info("peer %s: peer %s silent for %.1fs; dropping", self.peer_id,

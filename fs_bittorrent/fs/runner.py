@@ -62,6 +62,7 @@ from ..core.faults import flip_byte
 from ..errors import BitTorrentError
 from ..core.messages import Message as PeerMessage
 from ..core.messages import Piece, message_size
+from ..core.picker import plan_where_uplinks_differ
 from ..core.session import SwarmSession
 from ..sim.flow import FlowResult, FlowSessionView, FlowSwarm
 from ..sim.network import VirtualNetwork
@@ -315,8 +316,14 @@ class BitTorrentStandaloneRunner(StandaloneRunner):
         self.levels[round_idx] = level
         if level == "block":
             self._flow_round = None
+            # the runner knows the links: the first-copy plan only where uplinks differ
+            ups = [self.links[c].up for c in receivers if c in self.links]
+
+            def block_factory(me, layout, storage, config, **kw):
+                return SwarmSession(me, layout, storage,
+                                    plan_where_uplinks_differ(config, ups), **kw)
             for cid in receivers:
-                self.client[cid].bt.session_factory = SwarmSession
+                self.client[cid].bt.session_factory = block_factory
             return
         now = self.network.now
         result = self._flow_result(round_idx, manifests, neighbours, timeout, receivers)

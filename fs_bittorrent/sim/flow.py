@@ -50,7 +50,9 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from ..core.config import SwarmConfig
+from ..core.layout import SwarmLayout
 from ..core.manifest import Manifest
+from ..core.picker import first_copy_plan, plan_where_uplinks_differ
 from ..core.session import SessionStats
 from ..errors import ConfigError
 from .network import LinkProfile
@@ -180,6 +182,19 @@ class FlowSwarm:
         self.big = np.int64(1 << 62)
         self.key = avail * P + tiebreak + np.where(self.need, 0, self.big)
         self.full_mesh = neighbours is None
+        # Upload-aware source choice (PiecePicker.pick's rules, at piece
+        # grain), where the uplinks differ as build_swarm gates it: the
+        # first-copy plan, owners with first copies left give only those,
+        # slow sources give only what nobody else holds, owners not known
+        # to be fast are spared their pieces that have copies elsewhere.
+        self.owner_row = owner_row
+        self.upload_aware = plan_where_uplinks_differ(config, self.up).first_copy_wait > 0
+        if self.upload_aware:
+            plan = first_copy_plan(SwarmLayout(tuple(ms)))
+            self.designee = np.asarray([self.row.get(d, -1) if d >= 0 else -1 for d in plan],
+                                       dtype=np.int64)
+        self.max_piece = float(self.length.max())
+        self.seen_rate = np.zeros((n, n))          # last rate of each pair (0: never ran)
         self.nbr_rows = [np.flatnonzero(self.nbr[h]) for h in range(n)]
         # pairs [sender row, receiver row]
         self.connected = np.zeros((n, n), dtype=bool)
@@ -246,8 +261,44 @@ class FlowSwarm:
             if best >= 0:
                 return best
         keys = np.where(self.vis[p], self.key[c], self.big)
+        if self.upload_aware:
+            keys = self._spare_sources(c, p, keys)
         j = int(keys.argmin())
         return j if keys[j] < self.big else -1
+
+    def _spare_sources(self, c: int, p: int, keys: np.ndarray) -> np.ndarray:
+        """Mask the pieces ``PiecePicker.pick`` would not ask ``p`` for.
+
+        The engine judges a source by its measured rate to ``c``; here the
+        pair's last max-min rate stands for it (0: never measured)."""
+        big, P = self.big, self.P
+        avail = (self.key[c] & (big - 1)) // P       # holders among c's neighbours
+        own = self.owner_row == p
+        rate = self.seen_rate[p, c]
+        best = float(self.seen_rate[:, c].max())
+        fast = rate > 0 and 2 * rate >= best
+        slow = False
+        if rate > 0:
+            inflow = float(self.rate[:, c].sum())
+            left = (self.missing[c] * self.max_piece / inflow) if inflow > 0 else _INF
+            if best > 0:
+                left = max(left, 2 * self.max_piece / best)
+            slow = rate * left < self.max_piece
+        mask = np.zeros(P, dtype=bool)
+        solo = avail <= 1
+        if not fast and np.any(own & solo & ~self.have[c]):
+            mask |= ~(own & solo)          # first copies left: only those
+        if slow:
+            mask |= ~solo                  # a slow source: only what nobody else holds
+        elif not (rate > 0):
+            mask |= own & ~solo            # an owner not known fast: spare its uplink
+        else:
+            pass
+        d = self.designee
+        live = (d >= 0) & (d != c)
+        live[live] = self.alive[d[live]] & self.nbr[c, d[live]]
+        mask |= own & solo & live          # the owner's first copy goes to its designee
+        return np.where(mask, big, keys)
 
     def _begin(self, p: int, c: int, i: int, nbytes: float) -> None:
         """Pair p -> c starts sending ``nbytes`` of piece i (rate set later
@@ -363,6 +414,8 @@ class FlowSwarm:
             free &= capleft > thr
         self.rate_iterations += iterations
         self.rate = rate
+        if self.upload_aware:
+            self.seen_rate = np.where(act & (rate > 0), rate, self.seen_rate)
         # a pair held back by a link (not by its window) leaves slow start and
         # sizes its window from its rate; a pair held back by its window grows it
         limited = act & (rate >= cap * (1 - 1e-9))

@@ -2,7 +2,6 @@
 the benchmarks share, so every one of them drives the engine the same way."""
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence, Union
@@ -10,7 +9,7 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 from ..core.config import SwarmConfig
 from ..core.layout import SwarmLayout
 from ..core.manifest import Manifest
-from ..core.picker import uplinks_heterogeneous
+from ..core.picker import plan_where_uplinks_differ
 from ..core.storage import Bytes, ContentPool, MemoryPieceStorage, PieceStorage
 from ..core.session import SwarmSession
 from .network import Faults, LinkProfile, SimNetwork
@@ -114,11 +113,9 @@ def build_swarm(owners: OwnerPieces, config: SwarmConfig = SwarmConfig(),
     """
     layout = SwarmLayout(tuple(m for m, _ in owners.values()), experiment=experiment)
     ids = list(peers if peers is not None else sorted(owners))
-    if config.first_copy_wait > 0 and (isinstance(profiles, LinkProfile) or
-                                       not uplinks_heterogeneous(profiles[p].up for p in ids)):
-        # The links are known here (coordinator's knowledge): the first-copy
-        # plan only where uplinks differ, uniform swarms as before issue 12.
-        config = dataclasses.replace(config, first_copy_wait=0.0)
+    # The links are known here: the first-copy plan only where uplinks differ.
+    config = plan_where_uplinks_differ(config, [] if isinstance(profiles, LinkProfile)
+                                       else [profiles[p].up for p in ids])
     net = SimNetwork(seed=seed, faults=faults, encode=encode, tick_interval=tick_interval)
     pool = ContentPool()
     check = VerifiedCopies()
