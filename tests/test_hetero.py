@@ -8,7 +8,8 @@ import pytest
 
 from fs_bittorrent.core.config import SwarmConfig
 from fs_bittorrent.core.layout import SwarmLayout
-from fs_bittorrent.core.picker import first_copy_plan
+from fs_bittorrent.core.picker import (first_copy_plan, plan_where_uplinks_differ,
+                                       uplinks_heterogeneous)
 from fs_bittorrent.core.session import SwarmSession
 from fs_bittorrent.sim.network import LinkProfile
 from fs_bittorrent.sim.swarm import build_swarm, lower_bound, lower_bound_latency
@@ -143,3 +144,29 @@ def test_latency_aware_bound():
     assert lower_bound_latency(shares, mixed) == pytest.approx(
         lower_bound(shares, mixed) + 2 * 0.01 + 0.02 + 0.01)
     assert lower_bound_latency({1: 1000}, {1: links[1]}) == lower_bound({1: 1000}, {1: links[1]})
+
+
+def test_upload_aware_rules_only_where_the_known_uplinks_differ():
+    """Known links within 2x of each other: the plan and the source rules are
+    off (``first_copy_wait`` 0), so a uniform swarm picks exactly as plain
+    BitTorrent (same virtual time, same bytes); a 20x slower uplink keeps them."""
+    assert not uplinks_heterogeneous([1e6, 1.9e6, 1.5e6])
+    assert uplinks_heterogeneous([1e6, 2.1e6])
+    assert not uplinks_heterogeneous([])
+    assert plan_where_uplinks_differ(CFG, [1e6, 1e6]).first_copy_wait == 0.0
+    assert plan_where_uplinks_differ(CFG, [1e6, 5e4]) is CFG
+    owners, _ = random_owners({i: 6 for i in range(1, 7)}, PIECE, seed=12)
+
+    def run(cfg, profiles):
+        swarm = build_swarm(owners, cfg, profiles, seed=12)
+        r = swarm.run(until=600)
+        assert r.complete
+        return r.virtual_time, {i: s.stats.bytes_up for i, s in swarm.sessions.items()}
+
+    plain = SwarmConfig(piece_size=PIECE, block_size=4 * 1024, first_copy_wait=0.0)
+    uniform = {i: FAST for i in owners}
+    assert run(CFG, uniform) == run(plain, uniform)
+    mixed = dict(uniform)
+    mixed[3] = LinkProfile(up=FAST.up / 20, down=FAST.down, latency=FAST.latency)
+    aware, bare = run(CFG, mixed), run(plain, mixed)
+    assert aware[0] < bare[0] and aware[1][3] < bare[1][3], (aware, bare)

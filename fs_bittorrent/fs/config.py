@@ -97,8 +97,10 @@ HELP = {
     "keepalive_interval": "send a keep-alive after this many seconds of silence; < peer_timeout",
     "peer_timeout": "drop a peer silent for this many seconds; > keepalive_interval",
     "max_corrupt_pieces": "ban a peer after it served this many pieces failing their hash",
-    "first_copy_wait": "first-copy plan: an owner's piece is asked of the owner by one designated "
-                       "peer until others hold it; dropped after idling this many seconds (0 = off)",
+    "first_copy_wait": "upload-aware swarming: an owner's piece is asked of the owner by one "
+                       "designated peer until others hold it (plan dropped after idling this many "
+                       "seconds), slow sources spared; 0 = off; standalone: only where the "
+                       "configured uplinks differ by more than 2x",
     "tick_interval": "seconds between timer ticks of each swarm session",
     "simulation": "standalone only: 'auto' | 'block' | 'flow': fidelity of the simulated "
                   "exchange; block moves every block and message, flow moves whole pieces as "
