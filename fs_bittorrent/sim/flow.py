@@ -15,6 +15,10 @@ the exchange time and drops the per-message grain:
   tie-break order ``PiecePicker`` draws for that peer and seed (availability
   counted over ``c``'s neighbours, updated one latency after a piece lands,
   as a ``have`` would be).
+* **Upload-aware sources** where the uplinks differ by more than 2x (as
+  ``build_swarm`` gates them): ``PiecePicker.pick``'s first-copy plan and
+  source rules, sources judged by the pair's last max-min rate; sharing open
+  blocks (a block-grain rule) is not modelled.
 * **Timing: max-min fair bandwidth sharing (a fluid model).**  Every active
   pair is a flow through ``p``'s uplink and ``c``'s downlink; a pair's rate is
   also capped by what the request window allows over its round trip
