@@ -330,22 +330,31 @@ class PiecePicker:
         live = self.live if planned else ()
         # An owner with first copies still to give is asked for nothing else.
         first_only = planned and not fast and self.solo.get(peer, 0) > 0
+        plain = not planned and copies_ok   # rarest first alone (the hot loop kept lean)
         while room > 0:
             best: Optional[int] = None
             best_key: Optional[int] = None
-            for i in self.unstarted:
-                if peer_has[i] and not (avoid and self._avoided(i, peer)):
-                    a = availability[i]
-                    if first_only and (a > 1 or owner_of[i] != peer):
-                        continue
-                    if a > 1:
-                        if not copies_ok or planned and not own_copies_ok and owner_of[i] == peer:
-                            continue  # others hold it: spare this source
-                    elif owner_of[i] == peer and designee[i] in live:
-                        continue  # the owner's first copy goes to its designee
-                    key = a * n + tiebreak[i]
-                    if best_key is None or key < best_key:
-                        best, best_key = i, key
+            if plain:
+                for i in self.unstarted:
+                    if peer_has[i] and not (avoid and self._avoided(i, peer)):
+                        key = availability[i] * n + tiebreak[i]
+                        if best_key is None or key < best_key:
+                            best, best_key = i, key
+            else:
+                for i in self.unstarted:
+                    if peer_has[i] and not (avoid and self._avoided(i, peer)):
+                        a = availability[i]
+                        if first_only and (a > 1 or owner_of[i] != peer):
+                            continue
+                        if a > 1:
+                            if not copies_ok or planned and not own_copies_ok \
+                                    and owner_of[i] == peer:
+                                continue  # others hold it: spare this source
+                        elif owner_of[i] == peer and designee[i] in live:
+                            continue  # the owner's first copy goes to its designee
+                        key = a * n + tiebreak[i]
+                        if best_key is None or key < best_key:
+                            best, best_key = i, key
             if best is None or self.layout.piece_length(best) > reserve_free:
                 break
             self.unstarted.discard(best)

@@ -416,7 +416,10 @@ class SwarmSession:
         if not p.set_has(i):
             return []
         picker = self.picker
-        picker.gained_one(i, now)
+        if self._upload_aware:
+            picker.gained_one(i, now)
+        else:
+            picker.availability[i] += 1
         if picker.have[i]:
             return []
         p.wanted += 1
@@ -428,7 +431,12 @@ class SwarmSession:
 
     def _on_have(self, p: PeerState, indices: Iterable[int], now: float) -> list[Outgoing]:
         news = [i for i in indices if p.set_has(i)]
-        self.picker.peer_gained(news, now)
+        if self._upload_aware:
+            self.picker.peer_gained(news, now)
+        else:
+            availability = self.picker.availability
+            for i in news:
+                availability[i] += 1
         for i in indices:
             # Their have settles what we served them for the piece.
             p.clear_served_piece(i)
@@ -531,13 +539,14 @@ class SwarmSession:
         counters.blocks_in += 1
         p.timeout_streak = 0
         p.note_received(length, now)
-        self._rate_bytes += length
-        dt = now - self._rate_since
-        if dt >= 0.1:
-            sample = self._rate_bytes / dt
-            self._rate_in = sample if self._rate_in == 0.0 else 0.5 * (self._rate_in + sample)
-            self._rate_bytes = 0
-            self._rate_since = now
+        if self._upload_aware:
+            self._rate_bytes += length
+            dt = now - self._rate_since
+            if dt >= 0.1:
+                sample = self._rate_bytes / dt
+                self._rate_in = sample if self._rate_in == 0.0 else 0.5 * (self._rate_in + sample)
+                self._rate_bytes = 0
+                self._rate_since = now
         cfg = self.config
         p.on_block(now - sent_at, cfg.block_size, cfg.request_queue_time,
                    cfg.min_requests_per_peer, cfg.max_requests_per_peer)
