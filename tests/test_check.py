@@ -35,7 +35,7 @@ def test_good_config_prints_settings_and_estimate(capsys, tmp_path):
     rc, out, _ = check(capsys, DIGITS, "outdir", str(tmp_path / "o"))
     assert rc == 0, out
     assert "check: OK" in out
-    assert "bittorrent.piece_size: 65536" in out and "bittorrent.secret: <random per run>" in out
+    assert "bittorrent.piece_size: 65536" in out and "bittorrent.secret: <none>" in out
     assert "model convnet2: " in out and " bytes per client (6 pieces of 65536)" in out
     assert "estimated exchange per round:" in out and "T_LB" in out
     assert not (tmp_path / "o").exists()           # a preflight writes nothing
@@ -43,10 +43,12 @@ def test_good_config_prints_settings_and_estimate(capsys, tmp_path):
 
 def test_disabled_config_says_plain_fs_and_what_enabling_would_refuse(capsys, tmp_path):
     rc, out, _ = check(capsys, DIGITS, "bittorrent.enable", "False",
-                       "federate.make_global_eval", "True", "outdir", str(tmp_path / "o"))
+                       "asyn.use", "True", "federate.use_ss", "True",
+                       "outdir", str(tmp_path / "o"))
     assert rc == 0
     assert "runs plain FederatedScope" in out
-    assert "would be refused: federate.make_global_eval" in out
+    # every refusal is listed, one after the other
+    assert "would be refused: asyn.use" in out and "would be refused: federate.use_ss" in out
 
 
 def test_distributed_client_checks_its_dataplane_address(capsys):
@@ -65,9 +67,9 @@ BAD = [  # (opts, key named in the error)
      "bittorrent.network.upload_per_client"),                                     # vs client_num
     (["bittorrent.topology", "explicit", "bittorrent.neighbors", "[[1, 2], [3, 4]]"],
      "bittorrent.neighbors"),                                                     # topology
-    (["federate.make_global_eval", "True"], "federate.make_global_eval"),        # FS feature
-    (["fedopt.use", "True"], "fedopt.use"),                                       # FS feature
-    (["aggregator.robust_rule", "krum"], "aggregator.robust_rule"),               # FS feature
+    (["asyn.use", "True"], "asyn.use"),                                           # FS feature
+    (["vertical.use", "True"], "vertical.use"),                                   # FS feature
+    (["federate.use_ss", "True"], "federate.use_ss"),                             # FS feature
 ]
 
 

@@ -92,12 +92,23 @@ def state_digest(params: ModelPara) -> str:
     return h.hexdigest()
 
 
-def merge_into(model: torch.nn.Module, result: Mapping[str, Any]) -> None:
+def merge_into(model: torch.nn.Module, result: Mapping[str, Any], assign: bool = False) -> None:
     """Load an aggregation result into a model as FS's server does (keys
-    the result lacks keep their values)."""
+    the result lacks keep their values).
+
+    ``assign``: the model takes the result's tensors themselves (cast to
+    its dtypes, as a copy would) instead of copying their values into its
+    own: in-process clients that reach the same result then hold one copy
+    of it, not one each.  Only for a model nothing writes into in place
+    (no optimizer over its parameters, never handed out uncloned)."""
     from federatedscope.core.auxiliaries.utils import merge_param_dict
-    merged = merge_param_dict(model.state_dict().copy(), result)
-    model.load_state_dict(merged, strict=False)
+    current = model.state_dict()
+    if assign:
+        result = {k: (v.to(current[k].dtype) if isinstance(v, torch.Tensor) and k in current
+                      and v.dtype != current[k].dtype else v)
+                  for k, v in result.items()}
+    merged = merge_param_dict(current.copy(), result)
+    model.load_state_dict(merged, strict=False, assign=assign)
 
 
 def _clone(params: ModelPara) -> ModelPara:
@@ -116,6 +127,9 @@ class Contribution:
     client_id: int
     sample_size: int
     params: ModelPara
+    #: the tensors were decoded for this aggregation alone: FS's aggregator
+    #: may change them in place without a defensive copy
+    owned: bool = False
 
 
 def _is_plain_fedavg(aggregator: Any) -> bool:
@@ -148,14 +162,25 @@ class FSAggregation:
         self._digest: Optional[str] = None
 
     # ---- the global model ---------------------------------------------------
-    def load(self, content: ModelPara) -> None:
-        """The initial global model (round 0's broadcast), as FS's server holds it."""
+    def load(self, content: ModelPara, cache: Optional[dict] = None) -> None:
+        """The initial global model (round 0's broadcast), as FS's server holds it.
+
+        ``cache`` (standalone, shared by the in-process clients): round 0's
+        broadcast is one object for every client, so under a rule without
+        state of its own (:attr:`pure`) one read-only copy of it serves them
+        all, assigned rather than copied into each client's model."""
         parts = [content] if self.model_num == 1 else list(content)
         if len(parts) != self.model_num:
             raise BitTorrentError("model_para", len(parts),
                                   f"expected {self.model_num} models")
+        assign = cache is not None and self.pure
+        if assign:
+            entry = cache.get("initial_model")
+            if entry is None or entry[0] is not content:
+                entry = cache["initial_model"] = (content, [_clone(p) for p in parts])
+            parts = entry[1]
         for model, part in zip(self.models, parts):
-            merge_into(model, part)
+            merge_into(model, part, assign=assign)
         self.loaded = True
         self._digest = None
 
@@ -190,7 +215,8 @@ class FSAggregation:
             msg_list = []
             for c in ordered:
                 para = c.params if self.model_num == 1 else c.params[idx]
-                msg_list.append((c.sample_size, _clone(para)))   # FS mutates its input
+                # FS mutates its input: a copy unless the tensors are ours alone
+                msg_list.append((c.sample_size, para if c.owned else _clone(para)))
             agg_info = {"client_feedback": msg_list, "recover_fun": None,
                         "staleness": [(c.client_id, 0) for c in ordered]}
             aggregator = self.aggregators[idx]
@@ -201,7 +227,7 @@ class FSAggregation:
                 for item in msg_list:
                     aggregator.inc(item)
             result = aggregator.aggregate(agg_info)
-            merge_into(self.models[idx], result)
+            merge_into(self.models[idx], result, assign=self.pure)
         self._digest = None
 
     def merge_partial(self, flat_result: Mapping[str, torch.Tensor]) -> None:
@@ -210,7 +236,7 @@ class FSAggregation:
         parts = unflatten_models(flat_result, self.model_num)
         parts = [parts] if self.model_num == 1 else parts
         for model, part in zip(self.models, parts):
-            merge_into(model, part)
+            merge_into(model, part, assign=self.pure)
         self._digest = None
 
     # ---- a cache shared by in-process clients (standalone) -------------------
@@ -271,7 +297,8 @@ def aggregate_round(agg: FSAggregation, manifests: Sequence[Any], held: Mapping[
                         "%d models that arrived whole: %s", client_id, round_idx, agg.rule,
                         len(whole), len(manifests), [m.owner for m in whole])
         agg.aggregate([Contribution(m.owner, m.sample_count,
-                                    unflatten_models(_decode(m, get_piece), agg.model_num))
+                                    unflatten_models(_decode(m, get_piece), agg.model_num),
+                                    owned=True)
                        for m in whole], order)
         state = flatten_models(agg.state())
         result = AggregateResult(state, {}, [m.owner for m in whole],

@@ -180,7 +180,7 @@ class ClientManager(BitTorrentManager):
             return self.global_model()
         if wire.is_packed_weights(content):          # round 0, distributed
             content = unflatten_models(wire.unpack_weights(content), self.fs_agg.model_num)
-        self.fs_agg.load(content)
+        self.fs_agg.load(content, cache=self.aggregate_cache)
         return content
 
     def on_global_init(self, message: Any) -> None:

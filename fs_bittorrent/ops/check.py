@@ -174,11 +174,29 @@ def _refusals_if_enabled(cfg: Any) -> list[str]:
             break
         except ConfigError as exc:
             problems.append(str(exc))
-            if exc.field == "federate.make_global_eval":
-                probe.federate.make_global_eval = False
-            else:
+            if not _switch_off(probe, exc.field):
                 break
     return problems
+
+
+def _switch_off(cfg: Any, field: str) -> bool:
+    """Turn a refused FS feature off in ``cfg`` (a switch such as
+    ``asyn.use`` or ``quantization.method``), so the next refusal shows;
+    False when ``field`` is no such switch."""
+    *path, leaf = str(field).split(".")
+    node = cfg
+    for name in path:
+        node = getattr(node, name, None)
+        if node is None:
+            return False
+    value = getattr(node, leaf, None)
+    if value is True:
+        setattr(node, leaf, False)
+        return True
+    if leaf == "method" and path == ["quantization"] and value != "none":
+        node.method = "none"
+        return True
+    return False
 
 
 def _redacted(settings: Any) -> dict[str, Any]:
@@ -193,7 +211,7 @@ def _redacted(settings: Any) -> dict[str, Any]:
         else:
             key = f"bittorrent.{key}"
         values[key] = value
-    values["bittorrent.secret"] = "<set>" if settings.secret else "<random per run>"
+    values["bittorrent.secret"] = "<set>" if settings.secret else "<none>"
     return values
 
 
