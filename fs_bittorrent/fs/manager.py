@@ -158,9 +158,12 @@ class ClientManager(BitTorrentManager):
         return self._store
 
     # ---- training side -----------------------------------------------------------
-    def _require_id(self, what: str) -> None:
+    def _has_id(self) -> bool:
         """A client publishes and swarms only under the id the server gave it."""
-        if not isinstance(self.worker.ID, int) or self.worker.ID < 1:
+        return isinstance(self.worker.ID, int) and self.worker.ID >= 1
+
+    def _require_id(self, what: str) -> None:
+        if not self._has_id():
             raise BitTorrentError("client id", self.worker.ID,
                                   f"{what} before the server assigned this client an id")
 
@@ -248,7 +251,7 @@ class ClientManager(BitTorrentManager):
             self.protocol_errors += 1
             log.error("client %s: bad %s: %s", self.worker.ID, wire.MSG_START, exc)
             return
-        if not isinstance(self.worker.ID, int) or self.worker.ID < 1:
+        if not self._has_id():
             self.protocol_errors += 1
             log.error("client %s: %s before the server assigned this client an id; ignored",
                       self.worker.ID, wire.MSG_START)
@@ -602,10 +605,15 @@ class ServerManager(BitTorrentManager):
         self.protocol_errors += 1
         log.error("server: bad %s from client %s: %s", what, message.sender, exc)
 
+    @property
+    def _fs_finished(self) -> bool:
+        """FS finished the course (last round, or early stopping)."""
+        return self.finished or getattr(self.worker, "is_finish", False)
+
     def _after_finish(self, message: Any, what: str) -> bool:
-        """FS finished the course (last round, or early stopping): a round
-        already under way is dropped, never aggregated or evaluated."""
-        if self.finished or getattr(self.worker, "is_finish", False):
+        """After FS finished, a round already under way is dropped, never
+        aggregated or evaluated."""
+        if self._fs_finished:
             self.stale_messages += 1
             log.debug("server: %s from client %s after finish; ignored", what, message.sender)
             return True
@@ -756,7 +764,7 @@ class ServerManager(BitTorrentManager):
         order = [c for c in self._arrival if c in e.owners]
         self._send(self._message(wire.MSG_ROUND_END, list(e.participants), e.round,
                                  wire.pack_round_end(e.round, order)))
-        if self.finished or getattr(w, "is_finish", False):
+        if self._fs_finished:
             log.info("server: round %s ended after FS finished; not aggregated", e.round)
             return
         if self.progress is not None:
@@ -800,8 +808,9 @@ class ServerManager(BitTorrentManager):
         t_lb = t_lb_lat = None
         if self.links and sizes and all(c in self.links for c in e.participants):
             shares = {c: sizes.get(c, 0) for c in e.participants}
-            t_lb = lower_bound(shares, {c: self.links[c] for c in e.participants})
-            t_lb_lat = lower_bound_latency(shares, {c: self.links[c] for c in e.participants})
+            links = {c: self.links[c] for c in e.participants}
+            t_lb = lower_bound(shares, links)
+            t_lb_lat = lower_bound_latency(shares, links)
         return {
             "round": e.round, "reason": e.reason, "clock": "virtual" if self.links else "wall",
             "exchange_time": exchange_time,
