@@ -327,8 +327,9 @@ def test_decode_message_rejects(body, exc, field):
 
 @pytest.mark.parametrize("body,exc,field", BAD, ids=BAD_IDS)
 def test_frame_decoder_rejects_and_keeps_state(body, exc, field):
-    if exc is BlockTooLarge and field == "block":
-        # In a stream, an oversized piece is already refused by its prefix.
+    if exc is BlockTooLarge and field == "block" and 4 + len(body) > LIM.max_frame:
+        # In a stream, an oversized piece is already refused by its prefix
+        # (unless it still fits the largest frame, a framed handshake).
         exc, field = FrameTooLarge, "frame_length"
     good = [HS, Have(9), Piece(9, 0, b"z" * 64), Bitfield(b"\xff\xc0"), KeepAlive()]
     bad = struct.pack(">I", len(body)) + body
@@ -395,9 +396,9 @@ def test_set_limits_tightens_after_handshake():
 def test_max_frame_property():
     assert WireLimits(max_block_size=1000).max_frame == 4 + 1 + 8 + 1000
     assert WireLimits().max_frame == 4 + 1 + 8 + 128 * 1024
-    # Tiny blocks: a request frame (17 bytes) is larger than a piece frame.
+    # Tiny blocks: a framed handshake (88 bytes) is larger than a piece frame.
     tiny = WireLimits(num_pieces=2, max_block_size=1)
-    assert tiny.max_frame == message_size(Request(0, 0, 1))
+    assert tiny.max_frame == 4 + 1 + HANDSHAKE_LEN > message_size(Request(0, 0, 1))
     dec = FrameDecoder(tiny, expect_handshake=False)
     dec.feed(encode(Request(1, 0, 1)) + encode(Cancel(1, 0, 1)) + encode(Piece(1, 0, b"x")))
     assert list(dec) == [Request(1, 0, 1), Cancel(1, 0, 1), Piece(1, 0, b"x")]

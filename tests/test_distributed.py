@@ -163,6 +163,7 @@ def test_client_data_planes_speak_tls_pinned_and_refused_nothing(three_rounds):
     out, result = three_rounds
     assert result.ok, result.log_tail()
     fingerprints = set()
+    dialed = 0
     for i in range(1, 5):
         log = (out / "logs" / f"client_{i}.log").read_text()
         m = re.search(r"listening on \S+ \(TLS 1\.3, certificate sha256 ([0-9a-f]{64})\)", log)
@@ -170,7 +171,11 @@ def test_client_data_planes_speak_tls_pinned_and_refused_nothing(three_rounds):
         fingerprints.add(m.group(1))
         closed = next(x for x in log.splitlines() if "data plane closed" in x)
         assert "handshakes_refused=0" in closed and "connections_capped=0" in closed, closed
+        # Connections outlive rounds: rounds 1 and 2 reuse round 0's.
+        assert int(re.search(r"connections_reused=(\d+)", closed).group(1)) >= 3, closed
+        dialed += int(re.search(r"connections_dialed=(\d+)", closed).group(1))
     assert len(fingerprints) == 4                # a key per client
+    assert dialed == 6                           # each pair once, over three rounds
 
 
 def _train_for(seconds: float) -> dict:

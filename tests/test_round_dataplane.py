@@ -15,17 +15,21 @@ import pytest
 from fs_bittorrent.core.codec import encode
 from fs_bittorrent.core.faults import Faults
 from fs_bittorrent.core.layout import SwarmLayout, make_auth
-from fs_bittorrent.core.messages import Handshake
+from fs_bittorrent.core.messages import Handshake, Have
+from fs_bittorrent.net.tls import LocalIdentity
 
 from swarm_helpers import blob_from_storage, random_owners
 
-from dataplane_helpers import (CFG, PIECE, SECRET, Peer, addresses, close_all,  # noqa: F401
-                               started, ticking)
+from dataplane_helpers import (CFG, PIECE, SECRET, Peer, addresses, certificates,  # noqa: F401
+                               close_all, started, ticking)
 
-def test_three_rounds_on_one_listener_bit_exact_and_connections_per_round():
+def test_three_rounds_on_one_listener_bit_exact_over_the_same_connections():
+    """Connections outlive rounds: each pair is dialed once, and rounds 1
+    and 2 start with a framed handshake on the very same sockets."""
     async def main():
         peers = await started(4)
         try:
+            sockets = {}
             for rnd in range(3):
                 owners, blobs = random_owners({p.pid: 3 for p in peers}, PIECE, seed=rnd,
                                               rnd=rnd)
@@ -39,15 +43,19 @@ def test_three_rounds_on_one_listener_bit_exact_and_connections_per_round():
                         assert blob_from_storage(p.storage, m) == blobs[owner]
                     assert p.plane.connected_peers == sorted({1, 2, 3, 4} - {p.pid})
                     assert all(c.round == rnd for c in p.plane._conns.values())
+                    now = {q: c.writer.get_extra_info("sockname")
+                           for q, c in p.plane._conns.items()}
+                    assert sockets.setdefault(p.pid, now) == now      # same sockets
                 for p in peers:
                     p.emit(p.session.close(asyncio.get_running_loop().time(), "round end"))
                     p.plane.end_round()
-                    assert p.plane.connected_peers == []
+                    assert p.plane.connected_peers == sorted({1, 2, 3, 4} - {p.pid})
             for p in peers:
                 assert p.plane.stats.protocol_errors == 0, list(p.plane.stats.errors)
                 assert p.plane.stats.handshakes_refused == 0
                 assert p.plane.stats.dial_failures == 0
-                assert p.plane.stats.connections_dialed == 3 * (4 - p.pid)
+                assert p.plane.stats.connections_dialed == 4 - p.pid     # once per pair
+                assert p.plane.stats.connections_reused == 3 * 2         # rounds 1 and 2
         finally:
             await close_all(peers)
         assert all(not p.plane._tasks for p in peers)
@@ -214,5 +222,139 @@ def test_swarm_under_injected_faults_completes_bit_exact(name):
                 assert sum(p.plane.stats.connections_dialed for p in peers) > 6  # redials
         finally:
             await close_all(peers)
+
+    asyncio.run(main())
+
+
+# ---- connections across rounds ------------------------------------------------------
+async def _round(peers, rnd, members=None, seed=0, certs=None):
+    """Run round ``rnd`` among ``members`` (default: all) to completion, then end it."""
+    members = peers if members is None else members
+    owners, blobs = random_owners({p.pid: 2 for p in members}, PIECE, seed=seed, rnd=rnd)
+    for p in members:
+        p.begin(rnd, owners, addresses(members), certificates=certs)
+    ok = await ticking(members, lambda: all(p.session.complete for p in members), 10)
+    assert ok, {p.pid: p.session.progress(0) for p in members}
+    for p in members:
+        for owner, (m, _) in owners.items():
+            assert blob_from_storage(p.storage, m) == blobs[owner]
+    return owners
+
+
+def _end(peers):
+    for p in peers:
+        p.emit(p.session.close(asyncio.get_running_loop().time(), "round end"))
+        p.plane.end_round()
+
+
+def test_a_peer_left_out_of_the_next_round_is_disconnected():
+    async def main():
+        peers = await started(3)
+        a, b, c = peers
+        try:
+            await _round(peers, 0)
+            _end(peers)
+            assert c.plane.connected_peers == [1, 2]
+            await _round([a, b], 1, seed=1)               # round 1's table: 1 and 2
+            assert a.plane.connected_peers == [2] and b.plane.connected_peers == [1]
+            assert await ticking([], lambda: c.plane.connected_peers == [], 3)
+            assert a.plane.stats.connections_reused == 1 and a.plane.stats.connections_dialed == 2
+            assert a.plane.stats.handshakes_refused == 0
+        finally:
+            await close_all(peers)
+
+    asyncio.run(main())
+
+
+def test_stale_round_handshake_on_a_live_connection_is_ignored_state_intact():
+    """Peer 1 repeats round 0's handshake on the connection that serves
+    round 1: peer 2 neither obeys it nor drops the connection; what follows
+    it is dropped as late, and round 1's handshake rebinds the connection."""
+    async def main():
+        a, b = await started(2)
+        try:
+            await _round([a, b], 0)
+            old = a.session._handshake()
+            _end([a, b])
+            await _round([a, b], 1, seed=1)
+            conn = b.plane._conns[1]
+            peers_before = dict(b.session.peers)
+            held_before = set(b.storage.keys())
+            a.plane._enqueue(2, old)                           # framed: the connection is open
+            a.plane._enqueue(2, Have(0))
+            assert await ticking([], lambda: b.plane.stats.late_messages >= 1, 3)
+            assert b.plane.stats.stale_handshakes == 1
+            assert b.plane._conns.get(1) is conn and not conn.closed
+            assert b.plane.stats.handshakes_refused == 0 and b.plane.stats.protocol_errors == 0
+            assert b.session.peers == peers_before and set(b.storage.keys()) == held_before
+            assert b.session.stats.protocol_errors == 0
+            a.plane._enqueue(2, a.session._handshake())         # back on round 1
+            assert await ticking([], lambda: conn.round == 1, 3)
+        finally:
+            await close_all([a, b])
+
+    asyncio.run(main())
+
+
+def test_next_round_handshake_with_a_bad_hmac_closes_the_live_connection():
+    """Plaintext + secret: each round's handshake carries the HMAC over that
+    round's swarm id; a wrong one on a kept connection is refused."""
+    async def main():
+        a, b = await started(2)
+        try:
+            await _round([a, b], 0)
+            _end([a, b])
+            owners, _ = random_owners({1: 2, 2: 2}, PIECE, seed=1, rnd=1)
+            b.begin(1, owners, addresses([a, b]))
+            a.begin(1, owners, addresses([a, b]), connect=False)
+            swarm = a.session.layout.swarm_id
+            a.plane._enqueue(2, Handshake(swarm, 1, 1 << 20, make_auth(b"wrong", swarm, 1)))
+            assert await ticking([], lambda: b.plane.stats.handshakes_refused == 1, 3)
+            assert "auth" in b.plane.stats.errors[-1]
+            assert b.plane.connected_peers == []
+            assert 1 not in b.session.peers
+        finally:
+            await close_all([a, b])
+
+    asyncio.run(main())
+
+
+def test_a_changed_certificate_in_the_next_table_closes_the_live_connection():
+    async def main():
+        peers = await started(2, tls=True)
+        a, b = peers
+        try:
+            await _round(peers, 0, certs=certificates(peers))
+            _end(peers)
+            forged = dict(certificates(peers))
+            forged[2] = LocalIdentity.generate().cert_der       # the server now says otherwise
+            owners, _ = random_owners({1: 2, 2: 2}, PIECE, seed=1, rnd=1)
+            a.begin(1, owners, addresses(peers), connect=False, certificates=forged)
+            assert a.plane.connected_peers == []
+            assert await ticking([], lambda: b.plane.connected_peers == [], 3)
+        finally:
+            await close_all(peers)
+
+    asyncio.run(main())
+
+
+def test_a_peer_restarted_between_rounds_is_redialed_fresh():
+    """Peer 2's process restarts between rounds (new listener, same id):
+    round 1's handshake meets a dead connection, the loss is reported in
+    round 1 and the lower id dials the new address."""
+    async def main():
+        a, b = await started(2)
+        c = None
+        try:
+            await _round([a, b], 0)
+            _end([a, b])
+            await b.plane.close()
+            c, = await started(1)
+            c.pid = c.plane.peer_id = 2
+            await _round([a, c], 1, seed=1)
+            assert a.plane.connected_peers == [2]
+            assert a.plane.stats.connections_dialed == 2
+        finally:
+            await close_all([a, c] if c else [a])
 
     asyncio.run(main())

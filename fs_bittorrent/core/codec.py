@@ -25,7 +25,15 @@ request          6 <index u32><begin u32><length u32>
 piece            7 <index u32><begin u32><block>
 cancel           8 <index u32><begin u32><length u32>
 credit          20 <credit u32>
+handshake       21 <the 83-byte handshake above, unchanged>
 =============== == ================================
+
+Framed handshake (id 21): the opening handshake is sent once per
+connection, unprefixed, as its first bytes.  A connection lives on across
+rounds; every later handshake on it (the next round's, or a repeat) is that
+same 83-byte handshake wrapped in a frame, so the stream never leaves frame
+mode.  It decodes to the same :class:`Handshake`; which round a connection
+then serves is the host's business (``net/round_dataplane.py``).
 
 Why so strict
 -------------
@@ -109,6 +117,8 @@ __all__ = [
     "FrameDecoder",
     "encode",
     "encode_parts",
+    "encode_handshake_frame",
+    "HANDSHAKE_FRAME",
     "decode_message",
     "decode_handshake",
 ]
@@ -134,6 +144,10 @@ _BODY_PIECE = struct.Struct(">xII")
 _HANDSHAKE = struct.Struct(f">B{_PSTRLEN}s{RESERVED_LEN}x{SWARM_ID_LEN}sII{AUTH_LEN}s")
 _HANDSHAKE_TAIL = struct.Struct(f">{SWARM_ID_LEN}sII{AUTH_LEN}s")
 assert _HANDSHAKE.size == HANDSHAKE_LEN
+
+#: Message id of a handshake sent on a live connection (framed).
+HANDSHAKE_FRAME = 21
+_HANDSHAKE_FRAME_LEN = 4 + 1 + HANDSHAKE_LEN   # a whole framed handshake
 
 _PIECE_OVERHEAD = 1 + 8                 # id + index + begin, inside the frame
 _BLOCK_REQ_FRAME = 4 + 1 + 12           # a whole request/cancel frame
@@ -176,11 +190,11 @@ class WireLimits:
         """Largest frame accepted, length prefix included.
 
         A piece with a full block (``4+1+8+max_block_size``), or, should
-        that be smaller, the fixed-size request/cancel frame (17 bytes, for
-        tiny test block sizes), or a bitfield for a swarm so large that it
+        that be smaller, the fixed-size request/cancel frame (17 bytes) or
+        framed handshake (88 bytes, for tiny test block sizes), or a bitfield for a swarm so large that it
         outgrows a piece frame.
         """
-        largest = max(4 + 1 + 8 + self.max_block_size, _BLOCK_REQ_FRAME)
+        largest = max(4 + 1 + 8 + self.max_block_size, _BLOCK_REQ_FRAME, _HANDSHAKE_FRAME_LEN)
         if self.num_pieces is not None:
             largest = max(largest, 4 + 1 + (self.num_pieces + 7) // 8)
         return largest
@@ -312,6 +326,14 @@ def encode(msg: Message) -> bytes:
     return enc(msg)
 
 
+def encode_handshake_frame(msg: Handshake) -> bytes:
+    """``msg`` as a framed handshake (id 21): what a peer sends instead of
+    the unprefixed form on a connection that already carried its opening
+    handshake (a new round on a live connection, or a repeat)."""
+    body = _enc_handshake(msg)
+    return b"".join((_HDR.pack(1 + len(body), HANDSHAKE_FRAME), body))
+
+
 def encode_parts(msg: Message) -> list[Union[bytes, memoryview]]:
     """``msg`` as a list of buffers whose concatenation is :func:`encode` ``(msg)``.
 
@@ -388,6 +410,11 @@ def _dec_bitfield(p: Buffer, limits: WireLimits) -> Message:
     return Bitfield(bits)
 
 
+def _dec_handshake_frame(p: Buffer, limits: WireLimits) -> Message:
+    _check_len("handshake", p, 1 + HANDSHAKE_LEN)
+    return decode_handshake(bytes(p[1:]))
+
+
 def _dec_block_req(p: Buffer, limits: WireLimits, cls: type, name: str) -> Message:
     _check_len(name, p, 13)
     index, begin, length = _BODY_3U32.unpack_from(p)
@@ -427,7 +454,8 @@ _DECODERS: list[Optional[_Decoder]] = [None] * 256
 for _id, _fn in ((CHOKE, _dec_choke), (UNCHOKE, _dec_unchoke),
                  (INTERESTED, _dec_interested), (NOT_INTERESTED, _dec_not_interested),
                  (HAVE, _dec_have), (BITFIELD, _dec_bitfield), (REQUEST, _dec_request),
-                 (PIECE, _dec_piece), (CANCEL, _dec_cancel), (CREDIT, _dec_credit)):
+                 (PIECE, _dec_piece), (CANCEL, _dec_cancel), (CREDIT, _dec_credit),
+                 (HANDSHAKE_FRAME, _dec_handshake_frame)):
     _DECODERS[_id] = _fn
 del _id, _fn
 

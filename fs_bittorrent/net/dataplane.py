@@ -67,19 +67,21 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import socket
 import ssl
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from ..core.codec import FrameDecoder, WireLimits, encode_parts
+from ..core.codec import FrameDecoder, WireLimits, encode_handshake_frame, encode_parts
 from ..core.layout import make_auth
 from ..core.messages import Handshake
 from ..core.session import Close, SwarmSession
 from ..errors import BitTorrentError, HandshakeRefused
 from .ratelog import RateLimitedWarnings
 from .tls import LocalIdentity, fingerprint, peer_certificate
+from .uplink import UplinkMeter, kernel_unsent
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,9 @@ class HostStats:
     protocol_errors: int = 0           # BitTorrentErrors after the handshake
     closes_by_session: int = 0
     connections_lost: int = 0          # EOF / reset from the remote side
+    connections_reused: int = 0        # a later round's handshake accepted on a live connection
+    stale_handshakes: int = 0          # an old round's handshake on a live connection: ignored
+    late_messages: int = 0             # messages of a round that is over: dropped
     bytes_in: int = 0
     bytes_out: int = 0
     errors: deque = field(default_factory=lambda: deque(maxlen=100))
@@ -119,7 +124,7 @@ class _Conn:
 
     __slots__ = ("pid", "dialer", "reader", "writer", "queue", "tasks", "closed",
                  "registered", "addr", "round", "fingerprint", "src", "pending", "stranger",
-                 "deadline")
+                 "deadline", "opened", "busy")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  pid: Optional[int], dialer: Optional[int]) -> None:
@@ -136,6 +141,8 @@ class _Conn:
         self.pending = False                # accepted, not yet bound to a peer id
         self.stranger = False               # counted against ``max_pending``
         self.deadline = float("inf")        # monotonic time its handshake must be done by
+        self.opened = False                 # our opening handshake is out: later ones are framed
+        self.busy = False                   # its sender has bytes to write (uplink meter)
         try:
             self.addr = writer.get_extra_info("peername")
         except Exception:  # pragma: no cover
@@ -186,6 +193,10 @@ class PeerHost:
         self._all: set[_Conn] = set()               # every open connection
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
+        # The uplink's measured rate (``uplink_rate``): bytes the kernel
+        # sent while some connection had bytes queued.
+        self.uplink = UplinkMeter()
+        self._busy = 0
         # Before the handshake the layout is unknown to the decoder: pieces
         # and bitfields are bounded by the block limit only.
         self._pre_limits = WireLimits(max_block_size=max_block_size)
@@ -198,6 +209,13 @@ class PeerHost:
     async def _accept_handshake(self, conn: _Conn, hs: Handshake) -> None:
         """Raise :class:`HandshakeRefused` unless ``hs`` may bind ``conn``."""
         raise NotImplementedError
+
+    async def _known_handshake(self, conn: _Conn, hs: Handshake) -> bool:
+        """A handshake on a connection already bound to ``hs.peer_id`` (the
+        dialed peer's answer, a repeat, or a later round's); False if it
+        closed the connection.  The default hands it to the session."""
+        self._deliver(conn, hs)
+        return True
 
     def _limits(self, conn: _Conn) -> WireLimits:
         raise NotImplementedError
@@ -376,6 +394,7 @@ class PeerHost:
         return task
 
     def _start_conn(self, conn: _Conn) -> None:
+        _keepalive(conn.writer)
         tag = f"{self.peer_id}<->{conn.pid if conn.pid is not None else '?'}"
         conn.tasks.append(self._spawn(self._reader_loop(conn), f"read-{tag}"))
         conn.tasks.append(self._spawn(self._sender_loop(conn), f"send-{tag}"))
@@ -475,11 +494,11 @@ class PeerHost:
     async def _on_handshake(self, conn: _Conn, hs: Handshake) -> bool:
         """Bind ``conn`` to the handshake's peer id; False if it was closed
         as the losing side of a crossed pair.  Raises on a bad handshake."""
-        if conn.pid is not None:                       # we dialed: must be who we called
+        if conn.pid is not None:     # we dialed, or a later handshake on a bound connection
             if hs.peer_id != conn.pid:
-                raise HandshakeRefused("peer_id", hs.peer_id, f"we dialed peer {conn.pid}")
-            self._deliver(conn, hs)
-            return True
+                raise HandshakeRefused("peer_id", hs.peer_id,
+                                       f"the connection is to peer {conn.pid}")
+            return await self._known_handshake(conn, hs)
         # Checked before an unproven handshake may displace a live connection.
         await self._accept_handshake(conn, hs)
         if conn.closed:
@@ -534,6 +553,8 @@ class PeerHost:
         writer, queue = conn.writer, conn.queue
         try:
             while True:
+                if queue.empty():
+                    self._set_busy(conn, False)
                 item = await queue.get()
                 parts: list = []
                 done = False
@@ -541,22 +562,61 @@ class PeerHost:
                     if item is _CLOSE:
                         done = True
                         break
-                    parts.extend(encode_parts(item))
+                    if type(item) is Handshake:
+                        # The first handshake opens the connection, unprefixed;
+                        # any later one (next round, repeat) is framed (id 21).
+                        if conn.opened:
+                            parts.append(encode_handshake_frame(item))
+                        else:
+                            parts.extend(encode_parts(item))
+                            conn.opened = True
+                    else:
+                        parts.extend(encode_parts(item))
                     if queue.empty():
                         break
                     item = queue.get_nowait()
                 if parts:
+                    self._set_busy(conn, True)
                     writer.writelines(parts)
                     self.stats.bytes_out += sum(len(p) if type(p) is bytes else p.nbytes
                                                 for p in parts)
                     await writer.drain()
                 if done:
+                    self._set_busy(conn, False)
                     writer.close()
                     return
         except (ConnectionError, OSError) as exc:
             if not conn.closed:
                 self.stats.connections_lost += 1
                 self._drop(conn, repr(exc), graceful=False)
+        finally:
+            self._set_busy(conn, False)
+
+    # ---- uplink measurement ----------------------------------------------------
+    def _set_busy(self, conn: _Conn, busy: bool) -> None:
+        """Track whether any connection has bytes to write: the uplink
+        meter counts time (and the kernel's progress) only then."""
+        if conn.busy == busy:
+            return
+        conn.busy = busy
+        self._busy += 1 if busy else -1
+        if self._busy == (1 if busy else 0):
+            (self.uplink.start if busy else self.uplink.stop)(now(), self._kernel_sent())
+
+    def _kernel_sent(self) -> int:
+        """Bytes handed to us to send that have left this host: written
+        minus what still sits in the transports' and the kernel's buffers."""
+        queued = 0
+        for conn in self._all:
+            queued += kernel_unsent(conn.writer)
+        return self.stats.bytes_out - queued
+
+    def uplink_rate(self) -> float:
+        """Measured uplink rate in bytes/s since the last reset (0: unknown)."""
+        if self._busy:
+            self.uplink.stop(now(), self._kernel_sent())
+            self.uplink.start(now(), self._kernel_sent())
+        return self.uplink.rate()
 
     def _drop(self, conn: _Conn, reason: str, graceful: bool) -> None:
         """Forget ``conn``; tell the subclass if it was the peer's connection.
@@ -696,6 +756,23 @@ class DataPlanePeer(PeerHost):
     def _check_complete(self) -> None:
         if self.session.complete and not self._complete.is_set():
             self._complete.set()
+
+
+def _keepalive(writer: asyncio.StreamWriter) -> None:
+    """TCP keep-alive on a data-plane socket: connections now stay open
+    between rounds (idle while clients train), and a peer that vanished
+    meanwhile is noticed within about two minutes; middleboxes also keep
+    the flow's state."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 15), ("TCP_KEEPCNT", 4)):
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    except OSError:  # pragma: no cover - not a TCP socket
+        pass
 
 
 def check_handshake(session: SwarmSession, hs: Handshake) -> None:

@@ -8,12 +8,27 @@ decoded message to ``handler.handle_peer(peer, round, msg)``.
 
 Rounds
 ------
-``begin_round(r, session, addresses, certificates)`` makes ``r`` current:
-connections of earlier rounds are closed and their swarm ids remembered.
+``begin_round(r, session, addresses, certificates)`` makes ``r`` current.
 The round's table (the coordinator's ``bt_start``) is its membership: only
 the ids in ``addresses`` may connect, and with an ``identity`` (TLS) each
-only with the certificate published for it.  Every connection belongs to
-the round its handshake named:
+only with the certificate published for it.
+
+Connections outlive rounds (TCP, the TLS session and its pinned identity,
+and the congestion window stay).  ``end_round`` only forgets the round;
+``begin_round`` closes the live connections of peers that are not in the
+new table or whose published certificate changed, and keeps the others.
+A kept connection serves round ``r`` once a handshake for ``r`` crossed it
+(framed, message id 21: the lower id sends it, as it would dial), checked
+like a new connection's (swarm id, membership, pinned certificate or the
+HMAC over the new swarm id, bans).  Until then whatever arrives on it
+belongs to the round before and is dropped (``stats.late_messages``).  A
+handshake for an old round on a live connection is ignored, not obeyed:
+the connection stays, bound to nothing current (``stats.stale_handshakes``);
+one for a round not begun yet is parked as below, and refused with the
+connection after ``handshake_timeout``.  A Close from a session that has
+itself closed (round end, deadline) releases the connection instead of
+closing it; a Close for one peer (ban, protocol error, timeout) closes it.
+Every connection belongs to the round its last handshake named:
 
 * an accepted connection that arrives between rounds (this client has not
   begun the round its peer already has) waits for ``begin_round`` before
@@ -106,6 +121,7 @@ class RoundDataPlane(PeerHost):
         self._pending: dict[int, list] = {}           # peer -> messages queued while dialing
         self._round_changed = asyncio.Event()
         self._limits_now = self._pre_limits
+        self.reuse = True                             # keep connections across rounds
 
     @property
     def address(self) -> str:
@@ -126,6 +142,7 @@ class RoundDataPlane(PeerHost):
         self.round, self.session = round_idx, session
         self.addresses = dict(addresses)
         self.set_peers(dict(certificates or {}), set(self.addresses) | {self.peer_id})
+        self._keep_members()
         self.member_hosts = {host for host, _ in self.addresses.values()}
         self._limits_now = WireLimits(num_pieces=session.layout.num_pieces,
                                       max_block_size=session.config.max_block_size)
@@ -140,19 +157,37 @@ class RoundDataPlane(PeerHost):
         self._round_changed = asyncio.Event()
 
     def end_round(self) -> None:
-        """Forget the current round: close its connections (flushing what
-        is queued) and remember its swarm id, so late handshakes for it are
-        refused as old rather than parked."""
+        """Forget the current round and remember its swarm id, so late
+        handshakes for it are refused as old rather than parked.  Live
+        connections stay open for the next round (closed here only with
+        ``reuse`` off, flushing what is queued)."""
         if self.session is not None:
             self._past_swarms[self.session.layout.swarm_id] = self.round
             while len(self._past_swarms) > _PAST_ROUNDS_KEPT:
                 self._past_swarms.pop(next(iter(self._past_swarms)))
-        for conn in list(self._conns.values()):
-            self._closing.add(conn)
-            self._drop(conn, "round over", graceful=True)
+        if not self.reuse:
+            for conn in list(self._conns.values()):
+                self._closing.add(conn)
+                self._drop(conn, "round over", graceful=True)
         self._closing.clear()
         self._pending.clear()
         self.round, self.session = None, None
+
+    def _keep_members(self) -> None:
+        """At a round's start: close live connections to peers outside the
+        new table, or whose published certificate is not the one their
+        connection proved; the others wait for the round's handshake."""
+        for pid, conn in list(self._conns.items()):
+            why = None
+            if pid not in self.addresses:
+                why = f"peer {pid} is not in round {self.round}'s table"
+            elif self.identity is not None and self.pins.get(pid) != conn.fingerprint:
+                why = f"peer {pid}'s published certificate changed"
+            if why is not None:
+                log.info("peer %s: closing the connection to %s: %s", self.peer_id, pid, why)
+                self._closing.add(conn)
+                self._drop(conn, why, graceful=False)
+        self._closing.clear()
 
     # ---- PeerTransport --------------------------------------------------------
     def send_peer(self, src: int, dst: int, round_idx: int, msg: object) -> None:
@@ -178,6 +213,10 @@ class RoundDataPlane(PeerHost):
 
     def close_peer(self, src: int, dst: int, round_idx: int) -> None:
         if round_idx != self.round:
+            return
+        if self.reuse and self.session is not None and self.session.closed:
+            # The session ended (round end, deadline, finish): the connection
+            # is released, not closed; the next round's handshake reuses it.
             return
         self._pending.pop(dst, None)
         conn = self._conns.get(dst)
@@ -263,8 +302,10 @@ class RoundDataPlane(PeerHost):
             except asyncio.TimeoutError:
                 pass
 
-    async def _accept_handshake(self, conn: _Conn, hs: Handshake) -> None:
-        deadline = conn.deadline            # from its accept: TLS, handshake and parking
+    async def _accept_handshake(self, conn: _Conn, hs: Handshake,
+                                deadline: Optional[float] = None) -> None:
+        if deadline is None:
+            deadline = conn.deadline        # from its accept: TLS, handshake and parking
         waited = False
         while self.session is None or hs.swarm_id != self.session.layout.swarm_id:
             old = self._past_swarms.get(hs.swarm_id)
@@ -289,19 +330,58 @@ class RoundDataPlane(PeerHost):
         check_handshake(self.session, hs)
         conn.round = self.round
 
+    async def _known_handshake(self, conn: _Conn, hs: Handshake) -> bool:
+        """A handshake on a bound connection: the dialed peer's answer, a
+        repeat, or the first of a later round on a kept connection."""
+        session = self.session
+        kept = conn.round is not None and conn.round != self.round   # served an older round
+        if session is not None and hs.swarm_id == session.layout.swarm_id:
+            if conn.round != self.round:
+                check_handshake(session, hs)
+                self.check_identity(conn, hs.peer_id)
+                conn.round = self.round
+                self.stats.connections_reused += kept
+            self._deliver(conn, hs)
+            return True
+        old = self._past_swarms.get(hs.swarm_id)
+        if old is not None:
+            # A late repeat from a peer still in an old round: not obeyed,
+            # not fatal.  What follows on the connection is that round's and
+            # is dropped, until the peer's handshake for a current round.
+            self.stats.stale_handshakes += 1
+            log.info("peer %s: ignoring peer %s's handshake for round %s (over)",
+                     self.peer_id, hs.peer_id, old)
+            conn.round = old
+            return True
+        # A round not begun here yet: park (or refuse after the timeout).
+        await self._accept_handshake(conn, hs, now() + self.handshake_timeout)
+        if conn.closed:
+            return False
+        self.check_identity(conn, hs.peer_id)
+        self.stats.connections_reused += kept
+        self._deliver(conn, hs)
+        return True
+
     def _limits(self, conn: _Conn) -> WireLimits:
-        return self._limits_now
+        # An old round's frames still decode (then are dropped): its layout
+        # is not ours, so only the block limit applies to them.
+        return self._limits_now if conn.round == self.round else self._pre_limits
 
     def _deliver(self, conn: _Conn, msg: object) -> None:
         if conn.round is None:
             conn.round = self.round
-        if conn.round != self.round:
-            return                      # a message of a round that just ended
+        if conn.round != self.round or self.session is None:
+            self.stats.late_messages += 1
+            return                      # a message of a round that is over
         self.handler.handle_peer(conn.pid, conn.round, msg)
 
     def _lost(self, conn: _Conn) -> None:
-        if conn.round is None or conn.round != self.round:
+        # A connection kept from an earlier round counts as the current
+        # round's once the round's table has the peer: its loss is reported
+        # (and redialed) like any other.
+        if self.session is None or conn.pid not in self.addresses:
             return
+        conn.round = self.round
         self.handler.peer_closed(conn.pid, conn.round)
         if conn in self._closing:
             self._closing.discard(conn)

@@ -1,0 +1,89 @@
+"""How fast this host's uplink is, measured while it had something to send.
+
+Why this estimator: a client's uplink is what the upload-aware picker needs
+to know (issue 12), and only the client itself can see it well.  Bytes sent
+over a round divided by the round's length under-estimates it (a peer is
+idle while nobody asks it for anything); bytes written to sockets divided by
+the time our send queues were non-empty over-estimates it, because the
+kernel takes megabytes into its send buffers at memory speed.  So the meter
+counts what *left the host* -- bytes written minus what still sits in the
+transports' buffers and the kernel's send queue (``TIOCOUTQ``: unsent plus
+unacknowledged) -- and only over the time some connection had bytes queued
+(:meth:`UplinkMeter.start` / :meth:`UplinkMeter.stop` at the edges of those
+periods).  Bytes the kernel drains while our queues are empty are left out
+together with that time, so the ratio stays the rate at which the path
+takes bytes when it is kept busy.
+
+Limits: when the receivers (their downlinks or credit), not our uplink, are
+the bottleneck, the meter reports what they took; it is a measured rate, not
+a capacity.  The host reports it per round; the coordinator relays it.
+"""
+from __future__ import annotations
+
+import array
+import fcntl
+import math
+import termios
+from typing import Any
+
+__all__ = ["UplinkMeter", "kernel_unsent", "MIN_BYTES", "MIN_SECONDS"]
+
+#: Below these a round's measurement says nothing (handshakes, a few blocks).
+MIN_BYTES = 256 * 1024
+MIN_SECONDS = 0.05
+
+
+class UplinkMeter:
+    """Bytes that left the host over the time it was busy sending."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.bytes = 0
+        self.seconds = 0.0
+        self._since: float | None = None
+        self._sent_at_start = 0
+
+    def start(self, now: float, sent: int) -> None:
+        """Some connection has bytes to write from ``now`` on; ``sent`` is
+        the host's running count of bytes that have left it."""
+        self._since, self._sent_at_start = now, sent
+
+    def stop(self, now: float, sent: int) -> None:
+        """No connection has bytes queued any more."""
+        if self._since is None:
+            return
+        self.seconds += max(0.0, now - self._since)
+        self.bytes += max(0, sent - self._sent_at_start)
+        self._since = None
+
+    def rate(self) -> float:
+        """Bytes/s while busy, or 0.0 when too little was sent to tell."""
+        if self.bytes < MIN_BYTES or self.seconds < MIN_SECONDS:
+            return 0.0
+        r = self.bytes / self.seconds
+        return r if math.isfinite(r) else 0.0
+
+
+def kernel_unsent(writer: Any) -> int:
+    """Bytes written to ``writer`` that have not left the host: the
+    transport's buffer plus the kernel's send queue (0 where unknown)."""
+    if writer is None:
+        return 0
+    n = 0
+    transport = getattr(writer, "transport", None)
+    if transport is not None and not transport.is_closing():
+        try:
+            n += transport.get_write_buffer_size()
+        except (AttributeError, RuntimeError):  # pragma: no cover
+            pass
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        try:
+            buf = array.array("i", [0])
+            fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf, True)
+            n += buf[0]
+        except (OSError, ValueError):    # closed socket, not a TCP socket
+            pass
+    return n
