@@ -44,7 +44,7 @@ class Peer:
         self.errors: list[str] = []
 
     def begin(self, rnd: int, owners, addresses, connect: bool = True,
-              certificates: Optional[dict] = None) -> None:
+              certificates: Optional[dict] = None, config: SwarmConfig = CFG) -> None:
         layout = SwarmLayout(tuple(m for m, _ in owners.values()), experiment="t")
         self.storage = CheckingStorage(expected_hashes(owners), ContentPool())
         if self.pid in owners:
@@ -52,7 +52,7 @@ class Peer:
             for k, data in enumerate(pieces):
                 self.storage.put(self.pid, k, m.piece_hashes[k], data)
         loop = asyncio.get_running_loop()
-        self.session = SwarmSession(self.pid, layout, self.storage, CFG, secret=self.secret,
+        self.session = SwarmSession(self.pid, layout, self.storage, config, secret=self.secret,
                                     now=loop.time())
         self.round = rnd
         self.plane.begin_round(rnd, self.session, addresses, certificates)

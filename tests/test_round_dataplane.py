@@ -7,6 +7,7 @@ routes the session's output back through the plane.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 
@@ -358,3 +359,72 @@ def test_a_peer_restarted_between_rounds_is_redialed_fresh():
             await close_all([a, c] if c else [a])
 
     asyncio.run(main())
+
+
+# ---- measured rates ---------------------------------------------------------------
+def test_uplink_is_measured_per_round_while_sending():
+    """Each plane measures what left it while it had bytes queued; the
+    figure is at least the round's average upload rate and is reset by the
+    next round."""
+    async def main():
+        a, b = await started(2)
+        try:
+            loop = asyncio.get_running_loop()
+            owners, _ = random_owners({1: 48, 2: 48}, PIECE, seed=3)      # 1.5 MiB each
+            t0 = loop.time()
+            for p in (a, b):
+                p.begin(0, owners, addresses([a, b]))
+            assert await ticking([a, b], lambda: a.session.complete and b.session.complete, 10)
+            took = loop.time() - t0
+            for p in (a, b):
+                rate = p.plane.uplink_rate()
+                assert rate >= 0.5 * p.session.stats.bytes_up / took > 0, (rate, took)
+            _end([a, b])
+            owners, _ = random_owners({1: 1, 2: 1}, PIECE, seed=4, rnd=1)  # too little to tell
+            for p in (a, b):
+                p.begin(1, owners, addresses([a, b]))
+            assert await ticking([a, b], lambda: a.session.complete and b.session.complete, 10)
+            assert a.plane.uplink_rate() == 0.0 and b.plane.uplink_rate() == 0.0
+        finally:
+            await close_all([a, b])
+
+    asyncio.run(main())
+
+
+def test_requesters_with_different_block_sizes_swarm_bit_exact():
+    """Block sizes are the requester's choice (a distributed client sizes
+    them from its measured rate): a peer asking 64 KiB blocks and one asking
+    16 KiB blocks serve each other, every piece verified."""
+    async def main():
+        a, b, c = await started(3)
+        try:
+            big = dataclasses.replace(CFG, piece_size=4 * PIECE, block_size=64 * 1024)
+            small = dataclasses.replace(CFG, piece_size=4 * PIECE, block_size=16 * 1024)
+            owners, blobs = random_owners({1: 3, 2: 3, 3: 3}, 4 * PIECE, seed=9)
+            a.begin(0, owners, addresses([a, b, c]), config=big)
+            b.begin(0, owners, addresses([a, b, c]), config=small)
+            c.begin(0, owners, addresses([a, b, c]), config=big)
+            assert await ticking([a, b, c], lambda: all(p.session.complete
+                                                        for p in (a, b, c)), 10)
+            for p in (a, b, c):
+                assert p.storage.bad_puts == [] and p.errors == []
+                for owner, (m, _) in owners.items():
+                    assert blob_from_storage(p.storage, m) == blobs[owner]
+                assert p.session.stats.protocol_errors == 0
+        finally:
+            await close_all([a, b, c])
+
+    asyncio.run(main())
+
+
+def test_block_size_follows_the_measured_rate_within_bounds():
+    from fs_bittorrent.fs.manager import BLOCK_TIME, block_size_for
+    KiB = 1024
+    assert block_size_for(0.0, 16 * KiB, 128 * KiB) == 16 * KiB          # unknown: the floor
+    assert block_size_for(2.5e6, 16 * KiB, 128 * KiB) == 16 * KiB        # 20 Mbit/s
+    assert block_size_for(12.5e6, 16 * KiB, 128 * KiB) == 64 * KiB       # 100 Mbit/s
+    assert block_size_for(1e9, 16 * KiB, 128 * KiB) == 128 * KiB         # capped
+    assert block_size_for(1e9, 16 * KiB, 32 * KiB) == 32 * KiB           # piece_size caps it
+    for rate in (3e6, 7e6, 2e7, 4e7):
+        size = block_size_for(rate, 16 * KiB, 128 * KiB)
+        assert size <= max(16 * KiB, rate * BLOCK_TIME) < 2 * size or size == 128 * KiB

@@ -473,8 +473,8 @@ MALFORMED = [
     (Request(0, 8, BS), BadBlockRange),
     (Request(0, -BS, BS), BadBlockRange),
     (Request(0, 64, BS), BadBlockRange),           # begin at the piece end
-    (Request(0, 0, BS - 1), BadBlockRange),        # length is not the block's
-    (Request(0, 0, 32), BadBlockRange),            # within max_block_size, still not a block
+    (Request(0, 8, BS - 4), BadBlockRange),        # not on the grid of its own length
+    (Request(0, 48, 32), BadBlockRange),           # a requester's 32-byte block past the piece
     (Request(4, 32, BS), BadBlockRange),           # short last block is 11 bytes
     (Request(4, 48, 11), BadBlockRange),           # past the short piece
     (Cancel(0, 1, BS), BadBlockRange),

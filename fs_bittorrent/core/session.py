@@ -336,7 +336,7 @@ class SwarmSession:
             self.layout.check_index(index)  # raises
         if length <= 0 or length > self._max_block:
             raise BlockTooLarge("length", length, f"limit is {self._max_block} bytes")
-        self._check_block(index, msg.begin, length)
+        self._check_asked_block(index, msg.begin, length)
 
     def _check_piece(self, msg: Piece) -> None:
         index = msg.index
@@ -362,6 +362,18 @@ class SwarmSession:
         if begin < 0 or begin % bs or rest <= 0 or length != (bs if rest > bs else rest):
             raise BadBlockRange("begin", (index, begin, length),
                                 f"piece {index} has {plen} bytes in blocks of {bs}")
+
+    def _check_asked_block(self, index: int, begin: int, length: int) -> None:
+        """A block another peer asks of us (request, cancel).  Each requester
+        picks its own block size (a distributed client sizes its blocks from
+        what it measured), so the grid is the requester's: the block lies in
+        the piece and starts at a multiple of its length, unless it is the
+        piece's last (shorter) block."""
+        plen = self._lengths[index]
+        if begin < 0 or begin + length > plen or (begin % length and begin + length != plen):
+            raise BadBlockRange("begin", (index, begin, length),
+                                f"piece {index} has {plen} bytes; a block starts at a multiple "
+                                "of its length unless it ends the piece")
 
     def _on_handshake(self, peer: int, hs: Handshake, now: float) -> list[Outgoing]:
         if hs.protocol != PROTOCOL_NAME:

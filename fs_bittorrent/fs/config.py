@@ -113,6 +113,10 @@ HELP = {
     "encryption": "distributed only: mutual TLS 1.3 on every data-plane connection, peers "
                   "pinned to the certificates the server relays; False = plaintext, "
                   "unauthenticated (trusted cluster only)",
+    "adaptive_block_size": "distributed only: from round 1 on, each client sizes the blocks it "
+                           "requests from its previous round's download rate (about 8 ms of "
+                           "transfer per block), between block_size and min(128 KiB, "
+                           "piece_size); False = always block_size",
     "handshake_timeout": "distributed only: seconds an accepted data-plane connection has to "
                          "complete TLS and the handshake (also how long it may wait for a "
                          "round this client has not begun)",
@@ -194,6 +198,7 @@ def extend_bittorrent_cfg(cfg: CfgNode) -> None:
     bt.db_dir = ''                        # piece store dir; '' = <outdir>/bittorrent
     bt.secret = ''                        # HMAC secret, plaintext data plane only; '' = none
     bt.encryption = True                  # distributed: mutual TLS 1.3, pinned certificates
+    bt.adaptive_block_size = True         # distributed: block size from the measured rate
     bt.handshake_timeout = 10.0           # s for an accepted connection's TLS + handshake
     bt.max_pending_connections = 64       # unauthenticated connections from non-members
     bt.max_pending_per_address = 8        # unauthenticated connections per source address
@@ -343,7 +348,7 @@ def _faults_from_values(v: dict[str, Any]) -> Faults:
 
 def _check_single(v: dict[str, Any]) -> None:
     """Type and range of each key on its own (cheap; run even when disabled)."""
-    for k in ("enable", "encryption"):
+    for k in ("enable", "encryption", "adaptive_block_size"):
         if not isinstance(v[k], bool):
             raise ConfigError(_f(k), v[k], "must be True or False")
     for k in _INT_KEYS:
@@ -516,6 +521,7 @@ class BitTorrentSettings:
     db_dir: str = ""
     secret: str = ""
     encryption: bool = True
+    adaptive_block_size: bool = True
     handshake_timeout: float = 10.0
     max_pending_connections: int = 64
     max_pending_per_address: int = 8

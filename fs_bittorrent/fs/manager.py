@@ -28,6 +28,7 @@ worker loop and data plane.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from typing import Any, Callable, Optional, Protocol
 from ..core.coordinator import CompletionReport, RoundCoordinator, RoundEnd, StartExchange
 from ..core.layout import SwarmLayout
 from ..core.messages import Message as PeerMessage
+from ..core.picker import plan_where_uplinks_differ
 from ..core.pieces import make_model_manifest
 from ..core.session import Close, SwarmSession
 from ..errors import BitTorrentError, HandshakeRequired
@@ -67,6 +69,26 @@ class PeerTransport(Protocol):
 
 PROGRESS_INTERVAL = 1.0   # s between a distributed client's progress messages
 ROUND_STATS_KEPT = 100    # rounds of figures the server keeps in memory
+BLOCK_TIME = 0.008        # s of transfer a measured block size aims at (adaptive_block_size)
+MAX_BLOCK = 128 * 1024    # the largest block a peer accepts (SwarmConfig.max_block_size)
+
+
+def block_size_for(rate: float, floor: int, ceiling: int) -> int:
+    """The block size a requester downloading at ``rate`` bytes/s asks
+    for: the power of two nearest below ``rate x BLOCK_TIME``, within
+    [floor, ceiling].  Why: each block costs a request, a frame and a
+    message through the session (about 56 us of CPU per block and side on
+    loopback, docs/design.md); at 8 ms of transfer per block that is under
+    1 % of the link's time, while blocks stay small enough on slow links
+    that a piece still splits across sources and the end game stays fine.
+    ``rate`` 0 (unknown) gives ``floor``."""
+    ceiling = max(floor, ceiling)
+    if not rate > 0:
+        return floor
+    size = floor
+    while size * 2 <= ceiling and size * 2 <= rate * BLOCK_TIME:
+        size *= 2
+    return size
 
 
 def _fs_message():
@@ -127,6 +149,9 @@ class ClientManager(BitTorrentManager):
         # FS's server aggregation (aggregator and global model), run here.
         self.fs_agg = FSAggregation(worker._cfg, worker.model)
         self.timeline: list[tuple[float, float]] = []  # (seconds, completion) this round
+        self.rate_in = 0.0                        # last round's download rate, bytes/s
+        self.uplinks: dict[int, float] = {}       # this round's uplinks (peer -> bytes/s)
+        self.uplink = 0.0                         # this client's measured uplink, last round
         self.progress = None                      # a SwarmProgress shared by the host
         self._pieces_seen = 0
         self._progress_sent = (-1, -1.0)          # (pieces, time) of the last bt_progress
@@ -247,6 +272,7 @@ class ClientManager(BitTorrentManager):
             round_idx, manifests, neighbours, timeout = wire.unpack_start(message.content)
             addresses = wire.unpack_addresses(message.content)
             certificates = wire.unpack_certificates(message.content)
+            measured = wire.unpack_uplinks(message.content)      # bad entries: warned, dropped
         except BitTorrentError as exc:
             self.protocol_errors += 1
             log.error("client %s: bad %s: %s", self.worker.ID, wire.MSG_START, exc)
@@ -269,8 +295,11 @@ class ClientManager(BitTorrentManager):
         # With encryption the data plane's TLS authenticates peers; the HMAC
         # secret is only for a plaintext data plane, and never sent by anyone.
         secret = b"" if self.certificate else self.settings.secret.encode()
-        self.session = self.session_factory(me, self.layout, storage,
-                                            self.settings.swarm_config(),
+        participants = sorted({m.owner for m in manifests} | set(neighbours) | {me})
+        uplinks = self.uplinks = self._round_uplinks(participants, measured)
+        config = self._round_config(uplinks)
+        self.session = self.session_factory(me, self.layout, storage, config,
+                                            # MERGE(i12a): add uplinks=uplinks
                                             secret=secret, now=now)
         self.started_at = now
         self.reported = self.aggregated = False
@@ -292,6 +321,37 @@ class ClientManager(BitTorrentManager):
         self.scheduler.call_at(now + timeout, lambda: self._deadline(gen))
         self.scheduler.call_at(now + self.settings.tick_interval, lambda: self._tick(gen))
         self._check_done()
+
+    def _round_uplinks(self, participants: list[int],
+                       measured: dict[int, float]) -> dict[int, float]:
+        """The round's uplinks (peer id -> bytes/s).  Configured per-client
+        rates (``network.upload_per_client`` / ``network.upload_dist``) take
+        precedence; otherwise the rates the peers measured last round and
+        the server relayed, when every participant has one; else none."""
+        s = self.settings
+        if self.distributed and (s.network_upload_per_client or s.network_upload_dist):
+            links = s.links(participants)
+            return {c: links[c].up for c in participants}
+        if measured and all(c in measured for c in participants):
+            return {c: measured[c] for c in participants}
+        return {}
+
+    def _round_config(self, uplinks: dict[int, float]) -> Any:
+        """The session's config for this round: the first-copy plan only
+        where the known uplinks differ (none known: as configured), and, in
+        distributed runs with ``adaptive_block_size``, blocks sized from the
+        last round's download rate."""
+        config = self.settings.swarm_config()
+        if uplinks:
+            config = plan_where_uplinks_differ(config, list(uplinks.values()))
+        if self.distributed and self.settings.adaptive_block_size and self.rate_in > 0:
+            size = block_size_for(self.rate_in, config.block_size,
+                                  min(MAX_BLOCK, config.max_block_size, config.piece_size))
+            if size != config.block_size:
+                log.info("client %s: round %s: %d-byte blocks (measured %.1f Mbit/s down)",
+                         self.worker.ID, self.round, size, self.rate_in * 8 / 1e6)
+                config = dataclasses.replace(config, block_size=size)
+        return config
 
     def on_peer_message(self, message: Any) -> None:
         """A peer message as an FS message (standalone simulation)."""
@@ -456,6 +516,7 @@ class ClientManager(BitTorrentManager):
         self.store.finish_session(self.round, self.worker.ID,
                                   "complete" if s.complete else "partial", now=now)
         self.store.flush()
+        self._measure(s, now)
         t0 = self.now()       # the run's clock: 0 s of virtual time in standalone
         if not self.aggregated:
             self._aggregate()
@@ -465,7 +526,8 @@ class ClientManager(BitTorrentManager):
         # size (monitoring), the aggregate's digest (agreement), and the bytes
         # into FS's own monitor.
         content = wire.pack_stats(self.round, s.stats.bytes_up, s.stats.bytes_down,
-                                  s.pieces_have, aggregate_time, self.last_digest)
+                                  s.pieces_have, aggregate_time, self.last_digest,
+                                  uplink=self.uplink)
         store_path, store_bytes = monitoring.store_size(self.store)
         content.update(store_path=store_path, store_bytes=float(store_bytes))
         self._send(self._message(wire.MSG_STATS, [self.worker.server_id], self.round, content))
@@ -478,6 +540,17 @@ class ClientManager(BitTorrentManager):
             self.store.bt_cleaned_round = self.round
             self.store.cleanup(self.settings.keep_rounds)
 
+
+    def _measure(self, s: SwarmSession, now: float) -> None:
+        """The round's measured rates: our download rate (the next round's
+        block size) and the data plane's uplink meter (reported to the
+        server in ``bt_stats``, relayed to everyone in the next ``bt_start``)."""
+        end = s.stats.completed_at if s.complete and s.stats.completed_at is not None else now
+        took = end - self.started_at
+        if s.stats.bytes_down > 0 and took > 0:
+            self.rate_in = s.stats.bytes_down / took
+        rate = getattr(self.transport, "uplink_rate", None)
+        self.uplink = float(rate()) if rate is not None else 0.0
 
     def shutdown(self) -> None:
         """``finish`` arrived (possibly mid-exchange): close the session and
@@ -510,6 +583,7 @@ class ServerManager(BitTorrentManager):
         self._arrival: list[int] = []                # manifest senders, in arrival order
         self._addresses: dict[int, str] = {}         # client -> data plane host:port
         self._certificates: dict[int, str] = {}      # client -> its TLS certificate (base64)
+        self._uplinks: dict[int, float] = {}         # client -> its last measured uplink, B/s
         self._armed: set[float] = set()              # coordinator deadlines with a timer
         # The last round's figures wait for the clients' final counts (bt_stats).
         self._pending_stats: Optional[dict] = None
@@ -657,6 +731,9 @@ class ServerManager(BitTorrentManager):
         except BitTorrentError as exc:
             self._refuse(message, wire.MSG_STATS, exc)
             return
+        uplink = wire.unpack_uplink(message.content)   # a bad figure: warned, ignored
+        if uplink is not None:
+            self._uplinks[message.sender] = uplink
         stats = self._pending_stats
         if stats is None or stats["round"] != round_idx or message.sender not in self._stats_due:
             self.stale_messages += 1
@@ -666,6 +743,8 @@ class ServerManager(BitTorrentManager):
         c = str(message.sender)
         stats["bytes_up"][c], stats["bytes_down"][c] = up, down
         stats["aggregate_time"][c] = aggregate_time
+        if uplink is not None:
+            stats["uplink"][c] = uplink
         self.figures.note_client_store(stats, message.sender, message.content)
         stats["aggregate_digest"][c] = digest
         self._stats_due.discard(message.sender)
@@ -748,6 +827,7 @@ class ServerManager(BitTorrentManager):
         addresses = {c: self._addresses[c] for c in a.participants if c in self._addresses}
         certificates = {c: self._certificates[c] for c in a.participants
                         if c in self._certificates}
+        uplinks = {c: self._uplinks[c] for c in a.participants if c in self._uplinks}
         if self.progress is not None:
             have = {m.owner: len(m.piece_hashes) for m in a.manifests}
             self._progress_have = dict(have)
@@ -755,7 +835,7 @@ class ServerManager(BitTorrentManager):
             self.progress.start(a.round, total - sum(have.values()))
         self._send(self._message(wire.MSG_START, list(a.participants), a.round,
                                  wire.pack_start(a.round, a.manifests, neighbours, a.timeout,
-                                                 addresses, certificates)))
+                                                 addresses, certificates, uplinks)))
 
     def _end(self, e: RoundEnd) -> None:
         w = self.worker
@@ -827,6 +907,7 @@ class ServerManager(BitTorrentManager):
                          for c, r in sorted(e.reports.items())},
             "aggregate_time": {str(c): 0.0 for c in sorted(e.reports)},   # from bt_stats
             "aggregate_digest": {},                                       # from bt_stats
+            "uplink": {},                          # measured uplinks, B/s, from bt_stats
             "model_bytes": sum(sizes.values()),
             "t_lb": t_lb,
             "eta": (t_lb / exchange_time) if t_lb and exchange_time > 0 else None,

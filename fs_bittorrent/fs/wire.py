@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
+import math
 from typing import Any, Mapping
 
 from ..core.coordinator import CompletionReport
@@ -21,6 +23,8 @@ from ..core.manifest import Manifest
 from ..core.messages import (Bitfield, Cancel, Choke, Credit, Handshake, Have, Interested,
                              KeepAlive, NotInterested, Piece, Request, Unchoke)
 from ..errors import ManifestError, ProtocolError
+
+log = logging.getLogger(__name__)
 
 PEER_MESSAGE_TYPES: dict[type, str] = {
     Handshake: "bt_handshake", KeepAlive: "bt_keep_alive", Choke: "bt_choke",
@@ -132,8 +136,11 @@ def parse_address(text: Any, field: str) -> tuple[str, int]:
 
 def pack_start(round_idx: int, manifests: tuple[Manifest, ...], neighbours: dict[int, list[int]],
                timeout: float, addresses: Mapping[int, str] = {},
-               certificates: Mapping[int, str] = {}) -> dict:
-    """Everything here is public: FS's gRPC is plaintext.  No secret."""
+               certificates: Mapping[int, str] = {},
+               uplinks: Mapping[int, float] = {}) -> dict:
+    """Everything here is public: FS's gRPC is plaintext.  No secret.
+    ``uplinks``: the participants' measured uplink rates (bytes/s) of the
+    round before, as they reported them in ``bt_stats``."""
     out = {"round": round_idx, "manifests": [manifest_to_text(m) for m in manifests],
            "neighbours": {str(k): list(v) for k, v in neighbours.items()},
            "timeout": float(timeout)}
@@ -141,6 +148,55 @@ def pack_start(round_idx: int, manifests: tuple[Manifest, ...], neighbours: dict
         out["addresses"] = {str(k): v for k, v in addresses.items()}
     if certificates:
         out["certificates"] = {str(k): v for k, v in certificates.items()}
+    if uplinks:
+        out["uplinks"] = {str(k): float(v) for k, v in uplinks.items()}
+    return out
+
+
+#: A measured uplink above this (bytes/s; 8 Tbit/s) is taken for garbage.
+MAX_UPLINK = 1e12
+
+
+def check_uplink(value: Any, field: str) -> float | None:
+    """A reported uplink rate in bytes/s, or None (with a warning naming
+    ``field`` and the value) when it is not a finite number in
+    (0, MAX_UPLINK].  A peer's bad figure is ignored, never fatal."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value) and 0 < value <= MAX_UPLINK
+    if not ok:
+        log.warning("ignoring %s = %r: an uplink rate must be a finite number of bytes/s "
+                    "in (0, %g]", field, value, MAX_UPLINK)
+        return None
+    return float(value)
+
+
+def unpack_uplink(content: Any) -> float | None:
+    """The measured uplink of a ``bt_stats`` (None: not measured, or bad)."""
+    if not isinstance(content, Mapping) or "uplink" not in content:
+        return None
+    value = content["uplink"]
+    if value == 0.0 and not isinstance(value, bool):
+        return None                       # the client could not tell
+    return check_uplink(value, f"{MSG_STATS}.uplink")
+
+
+def unpack_uplinks(content: Any) -> dict[int, float]:
+    """The relayed uplink table of a ``bt_start`` (peer id -> bytes/s);
+    bad entries are dropped with a warning, never raised."""
+    raw = content.get("uplinks", {}) if isinstance(content, Mapping) else {}
+    if not isinstance(raw, Mapping):
+        log.warning("ignoring %s.uplinks = %r: not a table", MSG_START, raw)
+        return {}
+    out = {}
+    for k, v in raw.items():
+        try:
+            pid = int(k)
+        except (TypeError, ValueError):
+            log.warning("ignoring %s.uplinks[%r]: not a client id", MSG_START, k)
+            continue
+        rate = check_uplink(v, f"{MSG_START}.uplinks[{k}]")
+        if rate is not None:
+            out[pid] = rate
     return out
 
 
@@ -227,14 +283,15 @@ def unpack_report(content: Any) -> CompletionReport:
 
 
 def pack_stats(round_idx: int, bytes_up: int, bytes_down: int, pieces_have: int,
-               aggregate_time: float = 0.0, digest: str = "") -> dict:
+               aggregate_time: float = 0.0, digest: str = "", uplink: float = 0.0) -> dict:
     """A client's final counts of round ``round_idx``, sent at round end:
     they include what it seeded after its completion report, and equal what
     its store's ``bt_sessions`` row records; plus the seconds its aggregation
-    took and the sha256 (hex) of the global model it aggregated."""
+    took, the sha256 (hex) of the global model it aggregated, and its
+    data plane's measured uplink rate (bytes/s; 0 = not measured)."""
     return {"round": round_idx, "bytes_up": float(bytes_up), "bytes_down": float(bytes_down),
             "pieces_have": pieces_have, "aggregate_time": float(aggregate_time),
-            "digest": digest}
+            "digest": digest, "uplink": float(uplink)}
 
 
 def _digest(content: Any, what: str) -> str:

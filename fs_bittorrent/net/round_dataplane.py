@@ -143,6 +143,9 @@ class RoundDataPlane(PeerHost):
         self.addresses = dict(addresses)
         self.set_peers(dict(certificates or {}), set(self.addresses) | {self.peer_id})
         self._keep_members()
+        self.uplink.reset()                           # the uplink is measured per round
+        if self._busy:
+            self.uplink.start(now(), self._kernel_sent())
         self.member_hosts = {host for host, _ in self.addresses.values()}
         self._limits_now = WireLimits(num_pieces=session.layout.num_pieces,
                                       max_block_size=session.config.max_block_size)

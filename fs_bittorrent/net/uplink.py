@@ -30,7 +30,7 @@ __all__ = ["UplinkMeter", "kernel_unsent", "MIN_BYTES", "MIN_SECONDS"]
 
 #: Below these a round's measurement says nothing (handshakes, a few blocks).
 MIN_BYTES = 256 * 1024
-MIN_SECONDS = 0.05
+MIN_SECONDS = 0.001
 
 
 class UplinkMeter:
