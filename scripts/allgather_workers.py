@@ -262,7 +262,11 @@ def fsbt_config(spec: dict):
     opts.setdefault("block_size", block)
     opts.setdefault("max_block_size", max(128 * 1024, block))
     opts.setdefault("credit_bytes", max(4 * MiB, spec["piece_size"]))
-    return SwarmConfig(**opts)
+    config = SwarmConfig(**opts)
+    if spec.get("uplinks") and "first_copy_wait" not in (spec.get("fsbt_opts") or {}):
+        from fs_bittorrent.core.picker import plan_where_uplinks_differ
+        config = plan_where_uplinks_differ(config, spec["uplinks"])
+    return config
 
 
 def fsbt_layout(spec: dict):

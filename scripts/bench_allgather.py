@@ -362,7 +362,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="piece size for fsbt and libtorrent (power of 2 for libtorrent)")
     ap.add_argument("--pieces", type=int, default=None,
                     help="pieces per rank (overrides --piece-kib: share / pieces)")
-    ap.add_argument("--block-kib", type=int, default=16, help="fsbt request block size")
+    ap.add_argument("--block-kib", type=int, default=None,
+                    help="fsbt request block size (default: chosen as a distributed client "
+                         "chooses it, from the download rate: fs/manager.block_size_for of "
+                         "(n-1)*S/T_LB, the largest block on unshaped loopback)")
     ap.add_argument("--fsbt-opt", action="append", default=[], metavar="KEY=VALUE",
                     help="override a SwarmConfig field for fsbt (repeatable)")
     ap.add_argument("--tick", type=float, default=None, help="fsbt host tick interval, s")
@@ -371,10 +374,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--down", type=float, default=150, help="download cap, Mbit/s (shaped)")
     ap.add_argument("--slow-half", type=float, default=None,
                     help="upload cap of the upper half of the ranks, Mbit/s (shaped)")
-    ap.add_argument("--burst-kbit", type=int, default=None,
-                    help="tbf bucket (default 32 kbit as in GUIDE §4; >= 600 stops tbf "
-                         "from splitting 64 KB GSO packets, which cuts the emulation's "
-                         "kernel CPU about 3x)")
+    ap.add_argument("--burst-kbit", type=int, default=600,
+                    help="tbf bucket (default 600 kbit: GUIDE §4's 32 kbit makes tbf split "
+                         "every 64 KB GSO packet, about 3x the emulation's kernel CPU, which "
+                         "starves the ranks on 2 shared cores; pass 32 for GUIDE §4's)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs per impl, interleaved across impls")
     ap.add_argument("--timeout", type=float, default=120, help="per run, s")
@@ -412,6 +415,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         for i in range(n // 2, n):
             up[i] = args.slow_half
     t_lb = t_lower_bound(n, size, up, down)
+    if args.block_kib is None:
+        # As a distributed client sizes its blocks after a round like this
+        # one: from its download rate, here the all-gather's at T_LB.
+        sys.path.insert(0, ROOT)
+        from fs_bittorrent.fs.manager import block_size_for
+        rate = (n - 1) * size / t_lb if t_lb else float("inf")
+        args.block_kib = block_size_for(rate, 16 * 1024, min(128 * 1024, piece)) // 1024
     fsbt_opts = {}
     for kv in args.fsbt_opt:
         k, v = kv.split("=", 1)
@@ -425,6 +435,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         shares = write_shares(job_dir, n, size, args.seed)
         spec_base: dict[str, Any] = {
             "n": n, "size": size, "piece_size": piece, "block_size": args.block_kib * 1024,
+            # configured uplinks (bytes/s) gate the first-copy plan, as in a
+            # distributed client given the rates (fs/manager._round_config)
+            "uplinks": [u * 1e6 / 8 for u in up] if args.shaped else [],
             "shares": shares, "dir": job_dir, "timeout": args.timeout,
             "fsbt_opts": fsbt_opts,
             "fsbt_host_opts": {"tick_interval": args.tick} if args.tick else {},
@@ -467,7 +480,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     shape = (f"shaped (netns + tbf): up {args.up:g} Mbit/s"
              + (f", ranks {n // 2}..{n - 1} up {args.slow_half:g} Mbit/s" if args.slow_half else "")
              + f", down {args.down:g} Mbit/s, tbf burst "
-             + (f"{args.burst_kbit} kbit" if args.burst_kbit else "32 kbit")
+             + f"{args.burst_kbit} kbit"
              if args.shaped else "unshaped loopback (127.0.0.1)")
     case = (f"**{n} ranks × {args.mb_per_rank:g} MiB** ({size // piece} pieces of "
             f"{piece // 1024} KiB, fsbt block {args.block_kib} KiB), {shape}; "

@@ -11,6 +11,11 @@ rates and the round's model sizes, and eta = T_LB / T.
     sudo python scripts/launch_netns.py --cfg configs/cnn_distributed.yaml --clients 8 \\
         --up 100 --down 150 [--slow-half 20] [--out exp/netns] [KEY VALUE ...]
 
+Side by side: ``--tree NAME=PATH`` (repeatable) runs the same experiment
+with the code of each source tree (``PYTHONPATH=PATH``), interleaved
+``--repeat`` times, in the same namespaces; one table for all.
+``--slow-start-after-idle 0`` sets that sysctl in every namespace.
+
 For the loopback equivalent (no shaping, no root) use
 ``fs-bittorrent launch``.
 """
@@ -47,6 +52,12 @@ def main(argv=None) -> int:
     ap.add_argument("--burst-kbit", type=int, default=None,
                     help="tbf burst (default: netns_hosts' choice, GUIDE section 4's 32 kbit); "
                          "600 spares the CPU that tiny buckets cost (see docs/benchmarks.md)")
+    ap.add_argument("--tree", action="append", default=[], metavar="NAME=PATH",
+                    help="run with the code under PATH (repeatable; default: this tree)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per tree, interleaved")
+    ap.add_argument("--slow-start-after-idle", type=int, choices=(0, 1), default=None,
+                    help="net.ipv4.tcp_slow_start_after_idle in every namespace "
+                         "(default: leave the kernel's, 1)")
     ap.add_argument("--out", default="exp/netns")
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("opts", nargs=argparse.REMAINDER)
@@ -61,31 +72,41 @@ def main(argv=None) -> int:
     slow = {i: a.slow_half for i in range(2, n + 1, 2)} if a.slow_half else {}
     up = {i: slow.get(i, a.up) for i in range(1, n + 1)}
     out = Path(a.out)
+    trees = [t.split("=", 1) for t in a.tree] or [["this", os.path.join(HERE, "..")]]
+    results = []
     with ShapedHosts(n + 1, up_mbit=a.up, down_mbit=a.down, up_overrides=slow,
-                     burst_kbit=a.burst_kbit) as hosts:
-        parts = plan(a.cfg, n, out, a.opts, host_of=lambda role, i: hosts[i].ip,
-                     wrap=lambda role, i: hosts[i].wrap([]))
-        result = run(parts, timeout=a.timeout)
+                     burst_kbit=a.burst_kbit,
+                     slow_start_after_idle=a.slow_start_after_idle) as hosts:
+        for rep_i in range(a.repeat):
+            for name, path in trees:
+                run_out = out / f"{name}_{rep_i}"
+                parts = plan(a.cfg, n, run_out, a.opts, host_of=lambda role, i: hosts[i].ip,
+                             wrap=lambda role, i: hosts[i].wrap([]))
+                env = dict(os.environ, PYTHONPATH=os.path.abspath(path))
+                result = run(parts, timeout=a.timeout, env=env)
+                results.append((name, rep_i, result))
+                print(f"{name} run {rep_i}: {'ok' if result.ok else 'FAILED'}", flush=True)
+                if not result.ok:
+                    print(result.log_tail(), file=sys.stderr)
     print(f"machine: {platform.platform()}, {os.cpu_count()} cpus, "
           f"Python {platform.python_version()}")
     print(f"{n} clients, upload {a.up:g} Mbit/s" +
           (f" ({len(slow)} at {a.slow_half:g})" if slow else "") +
-          f", download {a.down:g} Mbit/s (tc tbf)")
-    for who, rc in result.exit_codes().items():
-        print(f"{who}: exit {rc}")
+          f", download {a.down:g} Mbit/s (tc tbf)" +
+          ("" if a.slow_start_after_idle is None else
+           f", tcp_slow_start_after_idle={a.slow_start_after_idle}"))
     links = {c: LinkProfile(up=up[c] * MBIT, down=a.down * MBIT, latency=0.0)
              for c in range(1, n + 1)}
-    print("\n| round | reason | T wall s | T_LB s | eta | completion |")
-    print("|---:|---|---:|---:|---:|---:|")
-    for r in result.rounds:
-        shares = {c: r["model_bytes"] / n for c in range(1, n + 1)}   # one model each
-        t_lb = lower_bound(shares, links)
-        t = r["exchange_time"]
-        print(f"| {r['round']} | {r['reason']} | {t:.3f} | {t_lb:.3f} | {t_lb / t:.3f} | "
-              f"{r['completion_ratio']:.2f} |")
-    if not result.ok:
-        print(result.log_tail(), file=sys.stderr)
-    return 0 if result.ok else 1
+    print("\n| tree | run | round | reason | T wall s | T_LB s | eta | completion |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    for name, rep_i, result in results:
+        for r in result.rounds:
+            shares = {c: r["model_bytes"] / n for c in range(1, n + 1)}   # one model each
+            t_lb = lower_bound(shares, links)
+            t = r["exchange_time"]
+            print(f"| {name} | {rep_i} | {r['round']} | {r['reason']} | {t:.3f} | "
+                  f"{t_lb:.3f} | {t_lb / t:.3f} | {r['completion_ratio']:.2f} |")
+    return 0 if all(res.ok for _, _, res in results) else 1
 
 
 if __name__ == "__main__":

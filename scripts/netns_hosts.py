@@ -338,7 +338,8 @@ class ShapedHosts(_HostSet):
                  up_overrides: Optional[Mapping[int, float]] = None,
                  down_overrides: Optional[Mapping[int, float]] = None,
                  prefix: str = PREFIX, burst_kbit: Optional[int] = None,
-                 latency_ms: int = 400) -> None:
+                 latency_ms: int = 400,
+                 slow_start_after_idle: Optional[int] = None) -> None:
         super().__init__()
         if not 1 <= n <= 250:
             raise ValueError(f"n must be in 1..250, got {n}")
@@ -352,6 +353,10 @@ class ShapedHosts(_HostSet):
         self.switch = f"{self.tag}sw"
         self.burst_kbit = burst_kbit
         self.latency_ms = latency_ms
+        # net.ipv4.tcp_slow_start_after_idle is per network namespace: 0
+        # keeps a connection's congestion window across idle gaps (clients
+        # train between rounds); None leaves the kernel default (1).
+        self.slow_start_after_idle = slow_start_after_idle
         self._created: list[str] = []
 
     def _tbf(self, ns: str, dev: str, mbit: float) -> None:
@@ -388,6 +393,9 @@ class ShapedHosts(_HostSet):
             _run(["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", HOST_IFNAME])
             _run(["ip", "-n", ns, "link", "set", HOST_IFNAME, "up"])
             _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+            if self.slow_start_after_idle is not None:
+                _run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w",
+                      f"net.ipv4.tcp_slow_start_after_idle={int(self.slow_start_after_idle)}"])
             _run(["ip", "-n", sw, "link", "set", port, "master", "br0"])
             _run(["ip", "-n", sw, "link", "set", port, "up"])
             if self.up[i]:

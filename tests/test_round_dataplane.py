@@ -362,15 +362,18 @@ def test_a_peer_restarted_between_rounds_is_redialed_fresh():
 
 
 # ---- measured rates ---------------------------------------------------------------
-def test_uplink_is_measured_per_round_while_sending():
-    """Each plane measures what left it while it had bytes queued; the
-    figure is at least the round's average upload rate and is reset by the
-    next round."""
+def test_uplink_is_measured_per_round_while_sending(monkeypatch):
+    """Each plane measures what left it while it had a backlog; the figure
+    is at least the round's average upload rate and is reset by the next
+    round.  (Loopback moves the round in tens of ms: sample every 2 ms.)"""
+    from fs_bittorrent.net import round_dataplane
+    monkeypatch.setattr(round_dataplane, "UPLINK_SAMPLE", 0.001)
+
     async def main():
         a, b = await started(2)
         try:
             loop = asyncio.get_running_loop()
-            owners, _ = random_owners({1: 48, 2: 48}, PIECE, seed=3)      # 1.5 MiB each
+            owners, _ = random_owners({1: 256, 2: 256}, PIECE, seed=3)    # 8 MiB each
             t0 = loop.time()
             for p in (a, b):
                 p.begin(0, owners, addresses([a, b]))
@@ -379,6 +382,7 @@ def test_uplink_is_measured_per_round_while_sending():
             for p in (a, b):
                 rate = p.plane.uplink_rate()
                 assert rate >= 0.5 * p.session.stats.bytes_up / took > 0, (rate, took)
+                assert p.plane.uplink.bytes <= p.session.stats.bytes_up * 1.01
             _end([a, b])
             owners, _ = random_owners({1: 1, 2: 1}, PIECE, seed=4, rnd=1)  # too little to tell
             for p in (a, b):
@@ -428,3 +432,20 @@ def test_block_size_follows_the_measured_rate_within_bounds():
     for rate in (3e6, 7e6, 2e7, 4e7):
         size = block_size_for(rate, 16 * KiB, 128 * KiB)
         assert size <= max(16 * KiB, rate * BLOCK_TIME) < 2 * size or size == 128 * KiB
+
+
+def test_uplink_meter_counts_only_backlogged_windows():
+    from fs_bittorrent.net.uplink import MIN_BYTES, UplinkMeter
+    m = UplinkMeter()
+    m.sample(0.0, 0, 10)
+    m.sample(1.0, 4 * MIN_BYTES, 10)          # busy: counted
+    m.sample(2.0, 5 * MIN_BYTES, 0)           # ran dry during it: not counted
+    m.sample(3.0, 5 * MIN_BYTES, 0)
+    m.sample(4.0, 5 * MIN_BYTES, 10)          # backlog again, from here on
+    m.sample(5.0, 8 * MIN_BYTES, 10)
+    assert m.seconds == 2.0 and m.bytes == 7 * MIN_BYTES
+    assert m.rate() == 7 * MIN_BYTES / 2.0
+    m.reset()
+    m.sample(0.0, 0, 1)
+    m.sample(1.0, MIN_BYTES - 1, 1)           # too little to tell
+    assert m.rate() == 0.0

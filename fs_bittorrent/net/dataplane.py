@@ -124,7 +124,7 @@ class _Conn:
 
     __slots__ = ("pid", "dialer", "reader", "writer", "queue", "tasks", "closed",
                  "registered", "addr", "round", "fingerprint", "src", "pending", "stranger",
-                 "deadline", "opened", "busy")
+                 "deadline", "opened")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  pid: Optional[int], dialer: Optional[int]) -> None:
@@ -142,7 +142,6 @@ class _Conn:
         self.stranger = False               # counted against ``max_pending``
         self.deadline = float("inf")        # monotonic time its handshake must be done by
         self.opened = False                 # our opening handshake is out: later ones are framed
-        self.busy = False                   # its sender has bytes to write (uplink meter)
         try:
             self.addr = writer.get_extra_info("peername")
         except Exception:  # pragma: no cover
@@ -193,10 +192,9 @@ class PeerHost:
         self._all: set[_Conn] = set()               # every open connection
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
-        # The uplink's measured rate (``uplink_rate``): bytes the kernel
-        # sent while some connection had bytes queued.
+        # The uplink's measured rate (``uplink_rate``), from samples taken
+        # by the subclass while it exchanges (``sample_uplink``).
         self.uplink = UplinkMeter()
-        self._busy = 0
         # Before the handshake the layout is unknown to the decoder: pieces
         # and bitfields are bounded by the block limit only.
         self._pre_limits = WireLimits(max_block_size=max_block_size)
@@ -553,8 +551,6 @@ class PeerHost:
         writer, queue = conn.writer, conn.queue
         try:
             while True:
-                if queue.empty():
-                    self._set_busy(conn, False)
                 item = await queue.get()
                 parts: list = []
                 done = False
@@ -576,46 +572,32 @@ class PeerHost:
                         break
                     item = queue.get_nowait()
                 if parts:
-                    self._set_busy(conn, True)
                     writer.writelines(parts)
                     self.stats.bytes_out += sum(len(p) if type(p) is bytes else p.nbytes
                                                 for p in parts)
                     await writer.drain()
                 if done:
-                    self._set_busy(conn, False)
                     writer.close()
                     return
         except (ConnectionError, OSError) as exc:
             if not conn.closed:
                 self.stats.connections_lost += 1
                 self._drop(conn, repr(exc), graceful=False)
-        finally:
-            self._set_busy(conn, False)
 
     # ---- uplink measurement ----------------------------------------------------
-    def _set_busy(self, conn: _Conn, busy: bool) -> None:
-        """Track whether any connection has bytes to write: the uplink
-        meter counts time (and the kernel's progress) only then."""
-        if conn.busy == busy:
-            return
-        conn.busy = busy
-        self._busy += 1 if busy else -1
-        if self._busy == (1 if busy else 0):
-            (self.uplink.start if busy else self.uplink.stop)(now(), self._kernel_sent())
-
-    def _kernel_sent(self) -> int:
-        """Bytes handed to us to send that have left this host: written
-        minus what still sits in the transports' and the kernel's buffers."""
-        queued = 0
+    def sample_uplink(self) -> None:
+        """One sample for the uplink meter: bytes that have left this host
+        (written minus what the transports and the kernels still hold, the
+        latter unacknowledged included) and that backlog."""
+        backlog = 0
         for conn in self._all:
-            queued += kernel_unsent(conn.writer)
-        return self.stats.bytes_out - queued
+            backlog += kernel_unsent(conn.writer)
+            if not conn.queue.empty():
+                backlog += 1
+        self.uplink.sample(now(), self.stats.bytes_out - backlog, backlog)
 
     def uplink_rate(self) -> float:
         """Measured uplink rate in bytes/s since the last reset (0: unknown)."""
-        if self._busy:
-            self.uplink.stop(now(), self._kernel_sent())
-            self.uplink.start(now(), self._kernel_sent())
         return self.uplink.rate()
 
     def _drop(self, conn: _Conn, reason: str, graceful: bool) -> None:

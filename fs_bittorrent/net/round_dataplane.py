@@ -83,6 +83,7 @@ log = logging.getLogger(__name__)
 __all__ = ["RoundDataPlane", "RoundHandler"]
 
 _PAST_ROUNDS_KEPT = 64        # swarm ids of old rounds remembered for refusals
+UPLINK_SAMPLE = 0.05          # s between uplink meter samples during a round
 
 
 class RoundHandler(Protocol):
@@ -122,6 +123,7 @@ class RoundDataPlane(PeerHost):
         self._round_changed = asyncio.Event()
         self._limits_now = self._pre_limits
         self.reuse = True                             # keep connections across rounds
+        self._sampler: Optional[asyncio.Task] = None  # uplink samples while a round runs
 
     @property
     def address(self) -> str:
@@ -144,8 +146,8 @@ class RoundDataPlane(PeerHost):
         self.set_peers(dict(certificates or {}), set(self.addresses) | {self.peer_id})
         self._keep_members()
         self.uplink.reset()                           # the uplink is measured per round
-        if self._busy:
-            self.uplink.start(now(), self._kernel_sent())
+        if self._sampler is None or self._sampler.done():
+            self._sampler = self._spawn(self._sample_uplink(), f"uplink-{self.peer_id}")
         self.member_hosts = {host for host, _ in self.addresses.values()}
         self._limits_now = WireLimits(num_pieces=session.layout.num_pieces,
                                       max_block_size=session.config.max_block_size)
@@ -191,6 +193,13 @@ class RoundDataPlane(PeerHost):
                 self._closing.add(conn)
                 self._drop(conn, why, graceful=False)
         self._closing.clear()
+
+    async def _sample_uplink(self) -> None:
+        """Sample the uplink meter every ``UPLINK_SAMPLE`` s while a round
+        runs (none between rounds: an idle client wakes for nothing)."""
+        while not self._closed and self.session is not None:
+            self.sample_uplink()
+            await asyncio.sleep(UPLINK_SAMPLE)
 
     # ---- PeerTransport --------------------------------------------------------
     def send_peer(self, src: int, dst: int, round_idx: int, msg: object) -> None:

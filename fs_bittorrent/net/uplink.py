@@ -1,18 +1,19 @@
-"""How fast this host's uplink is, measured while it had something to send.
+"""How fast this host's uplink is, measured while it had a backlog to send.
 
 Why this estimator: a client's uplink is what the upload-aware picker needs
 to know (issue 12), and only the client itself can see it well.  Bytes sent
 over a round divided by the round's length under-estimates it (a peer is
 idle while nobody asks it for anything); bytes written to sockets divided by
 the time our send queues were non-empty over-estimates it, because the
-kernel takes megabytes into its send buffers at memory speed.  So the meter
-counts what *left the host* -- bytes written minus what still sits in the
-transports' buffers and the kernel's send queue (``TIOCOUTQ``: unsent plus
-unacknowledged) -- and only over the time some connection had bytes queued
-(:meth:`UplinkMeter.start` / :meth:`UplinkMeter.stop` at the edges of those
-periods).  Bytes the kernel drains while our queues are empty are left out
-together with that time, so the ratio stays the rate at which the path
-takes bytes when it is kept busy.
+kernel takes megabytes into its send buffers at memory speed (and measured
+that way on shaped links the figures of equal uplinks spread 4x).  So the
+meter is sampled at a fixed period while a round runs and counts what *left
+the host* -- bytes written minus what still sits in the transports' buffers
+and the kernel's send queues (``TIOCOUTQ``: unsent plus unacknowledged) --
+over the sampling windows that had a backlog at both ends (the uplink was
+kept busy throughout, as far as one can tell from outside the kernel).
+Windows where the host ran dry are left out, bytes and time together, so the
+ratio is the rate at which the path takes bytes when it has them.
 
 Limits: when the receivers (their downlinks or credit), not our uplink, are
 the bottleneck, the meter reports what they took; it is a measured rate, not
@@ -30,11 +31,11 @@ __all__ = ["UplinkMeter", "kernel_unsent", "MIN_BYTES", "MIN_SECONDS"]
 
 #: Below these a round's measurement says nothing (handshakes, a few blocks).
 MIN_BYTES = 256 * 1024
-MIN_SECONDS = 0.001
+MIN_SECONDS = 0.005
 
 
 class UplinkMeter:
-    """Bytes that left the host over the time it was busy sending."""
+    """Bytes that left the host over the sampling windows it was backlogged."""
 
     def __init__(self) -> None:
         self.reset()
@@ -42,24 +43,19 @@ class UplinkMeter:
     def reset(self) -> None:
         self.bytes = 0
         self.seconds = 0.0
-        self._since: float | None = None
-        self._sent_at_start = 0
+        self._last: tuple[float, int, int] | None = None   # (time, sent, backlog)
 
-    def start(self, now: float, sent: int) -> None:
-        """Some connection has bytes to write from ``now`` on; ``sent`` is
-        the host's running count of bytes that have left it."""
-        self._since, self._sent_at_start = now, sent
-
-    def stop(self, now: float, sent: int) -> None:
-        """No connection has bytes queued any more."""
-        if self._since is None:
-            return
-        self.seconds += max(0.0, now - self._since)
-        self.bytes += max(0, sent - self._sent_at_start)
-        self._since = None
+    def sample(self, now: float, sent: int, backlog: int) -> None:
+        """``sent``: the host's running count of bytes that have left it;
+        ``backlog``: bytes (or queued messages) still waiting to leave."""
+        last = self._last
+        if last is not None and last[2] > 0 and backlog > 0 and now > last[0]:
+            self.seconds += now - last[0]
+            self.bytes += max(0, sent - last[1])
+        self._last = (now, sent, backlog)
 
     def rate(self) -> float:
-        """Bytes/s while busy, or 0.0 when too little was sent to tell."""
+        """Bytes/s while backlogged, or 0.0 when too little was sent to tell."""
         if self.bytes < MIN_BYTES or self.seconds < MIN_SECONDS:
             return 0.0
         r = self.bytes / self.seconds
