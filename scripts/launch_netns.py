@@ -11,9 +11,11 @@ rates and the round's model sizes, and eta = T_LB / T.
     sudo python scripts/launch_netns.py --cfg configs/cnn_distributed.yaml --clients 8 \\
         --up 100 --down 150 [--slow-half 20] [--out exp/netns] [KEY VALUE ...]
 
-Side by side: ``--tree NAME=PATH`` (repeatable) runs the same experiment
-with the code of each source tree (``PYTHONPATH=PATH``), interleaved
-``--repeat`` times, in the same namespaces; one table for all.
+Side by side: ``--tree NAME=PATH[:KEY=VALUE...]`` (repeatable) runs the
+same experiment with the code of each source tree (``PYTHONPATH=PATH``),
+plus that variant's own config options, interleaved ``--repeat`` times, in
+the same namespaces; one table for all.  E.g. ``--tree
+b16=.:bittorrent.adaptive_block_size=False:bittorrent.block_size=16384``.
 ``--slow-start-after-idle 0`` sets that sysctl in every namespace.
 
 For the loopback equivalent (no shaping, no root) use
@@ -72,17 +74,24 @@ def main(argv=None) -> int:
     slow = {i: a.slow_half for i in range(2, n + 1, 2)} if a.slow_half else {}
     up = {i: slow.get(i, a.up) for i in range(1, n + 1)}
     out = Path(a.out)
-    trees = [t.split("=", 1) for t in a.tree] or [["this", os.path.join(HERE, "..")]]
+    trees = []
+    for t in a.tree or [f"this={os.path.join(HERE, '..')}"]:
+        name, rest = t.split("=", 1)
+        path, *kvs = rest.split(":")
+        extra = [x for kv in kvs for x in kv.split("=", 1)]
+        trees.append((name, path, extra))
     results = []
     with ShapedHosts(n + 1, up_mbit=a.up, down_mbit=a.down, up_overrides=slow,
                      burst_kbit=a.burst_kbit,
                      slow_start_after_idle=a.slow_start_after_idle) as hosts:
         for rep_i in range(a.repeat):
-            for name, path in trees:
+            for name, path, extra in trees:
                 run_out = out / f"{name}_{rep_i}"
-                parts = plan(a.cfg, n, run_out, a.opts, host_of=lambda role, i: hosts[i].ip,
+                parts = plan(a.cfg, n, run_out, list(a.opts) + extra, host_of=lambda role, i: hosts[i].ip,
                              wrap=lambda role, i: hosts[i].wrap([]))
-                env = dict(os.environ, PYTHONPATH=os.path.abspath(path))
+                # PYTHONSAFEPATH: ``python -m`` must not put the working
+                # directory (this tree) ahead of PYTHONPATH.
+                env = dict(os.environ, PYTHONPATH=os.path.abspath(path), PYTHONSAFEPATH="1")
                 result = run(parts, timeout=a.timeout, env=env)
                 results.append((name, rep_i, result))
                 print(f"{name} run {rep_i}: {'ok' if result.ok else 'FAILED'}", flush=True)

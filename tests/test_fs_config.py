@@ -45,7 +45,7 @@ DEFAULTS = {
     "keepalive_interval": 120.0, "peer_timeout": 300.0, "max_corrupt_pieces": 3,
     "first_copy_wait": 2.0,
     "tick_interval": 0.5, "simulation": "auto", "keep_rounds": 2, "db_dir": "", "secret": "",
-    "encryption": True, "handshake_timeout": 10.0, "max_pending_connections": 64,
+    "encryption": True, "adaptive_block_size": True, "handshake_timeout": 10.0, "max_pending_connections": 64,
     "max_pending_per_address": 8,
     "dataplane_host": "", "dataplane_port": 0, "seed": -1,
     "topology": "full", "degree": 4, "neighbors": [],

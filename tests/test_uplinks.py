@@ -10,26 +10,37 @@ import pytest
 
 from fs_bittorrent.fs import wire
 
+@pytest.fixture
+def warnings(caplog):
+    """WARNING records of the package, also after an FS run in this process
+    turned the package logger's propagation off."""
+    pkg = logging.getLogger("fs_bittorrent")
+    listen = not pkg.propagate
+    if listen:
+        pkg.addHandler(caplog.handler)
+    with caplog.at_level(logging.WARNING, logger="fs_bittorrent"):
+        yield caplog
+    if listen:
+        pkg.removeHandler(caplog.handler)
+
+
 BAD = [float("nan"), float("inf"), -5.0, 1e30, "fast", True, None]
 
 
 @pytest.mark.parametrize("bad", BAD, ids=repr)
-def test_a_bad_uplink_in_bt_stats_is_ignored_with_a_warning_naming_it(bad, caplog):
+def test_a_bad_uplink_in_bt_stats_is_ignored_with_a_warning_naming_it(bad, warnings):
     content = {**wire.pack_stats(1, 10, 20, 3), "uplink": bad}
-    with caplog.at_level(logging.WARNING, logger="fs_bittorrent"):
-        assert wire.unpack_uplink(content) is None
+    assert wire.unpack_uplink(content) is None
     assert wire.unpack_stats(content)[0] == 1          # the rest of the stats still stands
-    if bad is not None:
-        assert any("bt_stats.uplink" in r.getMessage() for r in caplog.records)
+    assert any("bt_stats.uplink" in r.getMessage() for r in warnings.records)
 
 
-def test_relayed_uplink_table_keeps_good_entries_and_warns_about_the_rest(caplog):
+def test_relayed_uplink_table_keeps_good_entries_and_warns_about_the_rest(warnings):
     start = wire.pack_start(2, (), {}, 5.0, uplinks={1: 1.25e7, 2: 2.5e6})
     start["uplinks"].update({"3": float("nan"), "x": 1e6, "4": -1.0})
-    with caplog.at_level(logging.WARNING, logger="fs_bittorrent"):
-        got = wire.unpack_uplinks(start)
+    got = wire.unpack_uplinks(start)
     assert got == {1: 1.25e7, 2: 2.5e6}
-    text = " ".join(r.getMessage() for r in caplog.records)
+    text = " ".join(r.getMessage() for r in warnings.records)
     assert "bt_start.uplinks[3]" in text and "bt_start.uplinks[4]" in text and "'x'" in text
     assert wire.unpack_uplinks({"uplinks": "oops"}) == {}
     assert wire.unpack_uplinks(wire.pack_start(0, (), {}, 5.0)) == {}     # none measured yet

@@ -606,11 +606,13 @@ class ServerManager(BitTorrentManager):
         self.traffic = monitoring.ServerTraffic()
         self.traffic.count_incoming(worker)
         self.figures = monitoring.RoundFigures()
-        send = self._send
+        # What actually sends (FS's comm manager; a distributed host may put
+        # a parallel fan-out in its place, ``distributed.FanOut``).
+        self.raw_send = self._send
 
         def counted_send(message: Any) -> None:
             self.traffic.on_send(message)
-            send(message)
+            self.raw_send(message)
         self._send = counted_send
 
     def attach(self, scheduler: Scheduler, links: Optional[dict] = None,
