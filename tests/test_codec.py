@@ -705,3 +705,21 @@ def test_hostile_handshake_prefix_is_refused_before_buffering_a_handshake():
     dec = FrameDecoder(WireLimits())
     out, peak = _traced_peak(lambda: (dec.feed(bytes([255]) + b"\xff" * 20), dec.next_message()))
     assert isinstance(out, HandshakeRefused) and peak < 16 * 1024
+
+
+def test_framed_handshake_round_trips_and_keeps_the_stream_in_frame_mode():
+    """A later handshake on a live connection (next round, or a repeat) is
+    the 83-byte handshake in a frame of id 21, between ordinary frames."""
+    from fs_bittorrent.core.codec import HANDSHAKE_FRAME, encode_handshake_frame
+    framed = encode_handshake_frame(HS)
+    assert framed[:5] == struct.pack(">IB", 1 + HANDSHAKE_LEN, HANDSHAKE_FRAME)
+    assert framed[5:] == encode(HS)
+    dec = FrameDecoder(LIM)
+    dec.feed(encode(HS) + encode(Have(1)) + framed + encode(Choke()))
+    assert list(dec) == [HS, Have(1), HS, Choke()]
+    bad = struct.pack(">IB", HANDSHAKE_LEN, HANDSHAKE_FRAME) + encode(HS)[:-1]
+    dec = FrameDecoder(LIM, expect_handshake=False)
+    dec.feed(bad)
+    with pytest.raises(BadLength) as e:
+        dec.next_message()
+    assert e.value.field == "frame_length" and dec.buffered == len(bad)
