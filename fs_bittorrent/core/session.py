@@ -125,6 +125,17 @@ class SwarmSession:
         # all of it off with first_copy_wait 0 (build_swarm and the FS runner
         # set that where the known uplinks are uniform).
         self._upload_aware = config.first_copy_wait > 0
+        # Latency rules (issue 12 item 2, docs/design.md "Long paths"): the
+        # dialer's bitfield and unchoke behind its handshake, a first
+        # request window of half the credit over the other members, a
+        # standing queue of min_requests_per_peer blocks at each source, and
+        # rates measured from the first block.  On where the first-copy plan
+        # is off: the plan needs every handshake in before the first request
+        # to an owner, and deep windows at slow owners undo it (measured).
+        self._latency_rules = not self._upload_aware
+        others = max(1, len(layout.owners) - 1)
+        self._initial_window = float(max(config.min_requests_per_peer, min(
+            config.max_requests_per_peer, config.credit_bytes // config.block_size // 2 // others)))
         self._idle_since: Optional[float] = None  # nothing in flight anywhere since
         # Our total download rate (EWMA, like PeerState's), which says how
         # long we still expect to download: a source that cannot finish a
@@ -227,7 +238,9 @@ class SwarmSession:
         p = self.peers.get(peer)
         if p is None:
             p = PeerState(peer, self.layout.num_pieces, connected_at=now,
-                          last_recv=now, last_sent=now, rate_since=now)
+                          last_recv=now, last_sent=now,
+                          rate_since=-1.0 if self._latency_rules else now,
+                          standing_queue=self._latency_rules)
             self.peers[peer] = p
         return p
 
@@ -239,7 +252,22 @@ class SwarmSession:
         if p.handshake_sent_at is not None:
             return []
         p.handshake_sent_at = now
-        return [self._send(p, self._handshake(), now)]
+        return self._opening(p, now)
+
+    def _opening(self, p: PeerState, now: float) -> list[Outgoing]:
+        """What the dialing side sends first: its handshake and, in a
+        cooperative swarm (``max_upload_slots`` 0), its bitfield and unchoke
+        right behind it.  The other side then may request as soon as our
+        handshake arrives, one latency after the dial, instead of after a
+        second crossing (its handshake out, our unchoke back).  They follow
+        the handshake on the same connection, so the receiver reads them
+        after it (a receiver refuses anything before a handshake)."""
+        out = [self._send(p, self._handshake(), now)]
+        if self.config.max_upload_slots == 0 and self._latency_rules:
+            p.opened = True
+            out.append(self._send(p, Bitfield(encode_bits(self.have, self.layout.num_pieces)), now))
+            out.extend(self._unchoke(p, now))
+        return out
 
     def peer_lost(self, peer: int, now: float) -> None:
         """The host lost the connection (or we closed it): release its records.
@@ -295,6 +323,11 @@ class SwarmSession:
 
         def on_not_interested(p: PeerState, m: NotInterested, now: float) -> list[Outgoing]:
             p.peer_interested = False
+            if self.config.max_upload_slots == 0 and self._latency_rules:
+                # Cooperative swarm: no slot to free, so the peer stays
+                # unchoked; when it wants a piece again its requests go out
+                # with its interested (no interested -> unchoke round trip).
+                return []
             return self._choke(p, now) if not p.am_choking else []
 
         def on_unchoke(p: PeerState, m: Unchoke, now: float) -> list[Outgoing]:
@@ -392,15 +425,19 @@ class SwarmSession:
                 out.append(self._send(p, Bitfield(encode_bits(self.have, self.layout.num_pieces)), now))
             return out
         p.handshaken = True
+        if self._latency_rules and p.window == 0.0:
+            p.window = self._initial_window
         self.picker.live.add(peer)
         if p.handshake_sent_at is None:
             p.handshake_sent_at = now
             out.append(self._send(p, self._handshake(), now))
-        out.append(self._send(p, Bitfield(encode_bits(self.have, self.layout.num_pieces)), now))
-        if self.config.max_upload_slots == 0:
-            # Cooperative swarm: every interested peer is unchoked (only a peer
-            # that says not-interested is choked), so do not make the peer wait
-            # a round trip (interested -> unchoke) before it may request.
+        # (A dialer's bitfield and unchoke went out behind its handshake.)
+        if not p.opened:
+            out.append(self._send(p, Bitfield(encode_bits(self.have, self.layout.num_pieces)), now))
+        if self.config.max_upload_slots == 0 and not p.opened:
+            # Cooperative swarm: every peer is unchoked, so do not make the
+            # peer wait a round trip (interested -> unchoke) before it may
+            # request.
             out.extend(self._unchoke(p, now))
         # An owner always holds its own pieces: known even if its bitfield is lost.
         implicit = list(self.layout.owner_range(peer)) if peer in self.layout.owners else []
@@ -795,7 +832,7 @@ class SwarmSession:
             if not p.handshaken:
                 if p.handshake_sent_at is not None and now - p.handshake_sent_at >= cfg.handshake_retry:
                     p.handshake_sent_at = now
-                    out.append(self._send(p, self._handshake(), now))
+                    out.extend(self._opening(p, now))
                 continue
             out.extend(self._expire_requests(p, now))
             if p.timeout_streak > self.config.max_retries:
