@@ -75,6 +75,8 @@ class PeerState:
     interested_since: float = 0.0
     # download rate from this peer (EWMA), which sizes the request pipeline
     min_rtt: float = 0.0              # smallest request-to-block time seen
+    srtt: float = 0.0                 # smoothed request-to-block time (TCP's 1/8 gain)
+    path_rtt: float = 0.0             # handshake round trip (0: not measured yet)
     window: float = 0.0               # request window, in blocks (0: not started)
     slow_start: bool = True
     standing_queue: bool = False      # keep >= lo blocks queued at the sender (see on_block)
@@ -137,6 +139,7 @@ class PeerState:
         trip drained the sender's uplink.  With ``lo`` blocks always queued
         per requester the fixed point is the sender busy, not idle.)
         """
+        self.srtt = rtt if self.srtt == 0.0 else self.srtt + (rtt - self.srtt) / 8
         min_rtt = self.min_rtt
         if rtt > 0 and (min_rtt == 0.0 or rtt < min_rtt):
             self.min_rtt = min_rtt = rtt

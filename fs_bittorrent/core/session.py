@@ -239,8 +239,7 @@ class SwarmSession:
         if p is None:
             p = PeerState(peer, self.layout.num_pieces, connected_at=now,
                           last_recv=now, last_sent=now,
-                          rate_since=-1.0 if self._latency_rules else now,
-                          standing_queue=self._latency_rules)
+                          rate_since=-1.0 if self._latency_rules else now)
             self.peers[peer] = p
         return p
 
@@ -425,8 +424,8 @@ class SwarmSession:
                 out.append(self._send(p, Bitfield(encode_bits(self.have, self.layout.num_pieces)), now))
             return out
         p.handshaken = True
-        if self._latency_rules and p.window == 0.0:
-            p.window = self._initial_window
+        if p.handshake_sent_at is not None:
+            self._path_measured(p, now)  # we dialed: our handshake's round trip
         self.picker.live.add(peer)
         if p.handshake_sent_at is None:
             p.handshake_sent_at = now
@@ -443,6 +442,20 @@ class SwarmSession:
         implicit = list(self.layout.owner_range(peer)) if peer in self.layout.owners else []
         out.extend(self._on_have(p, implicit, now))
         return out
+
+    def _path_measured(self, p: PeerState, now: float) -> None:
+        """``p``'s path round trip, from our handshake to its answer (its
+        handshake if we dialed, else its first request), is known.  Small
+        messages do not queue behind blocks, so this is the path's latency,
+        not a queue.  On a long path (a round trip longer than the
+        ``request_queue_time`` the request window allows for queueing) the
+        latency rules start its window at half the credit over the other
+        members and keep a standing queue at it (``PeerState.on_block``)."""
+        p.path_rtt = rtt = max(now - p.handshake_sent_at, 1e-9)
+        if self._latency_rules and rtt >= self.config.request_queue_time:
+            p.standing_queue = True
+            if p.window < self._initial_window:
+                p.window = self._initial_window
 
     def _on_have_one(self, p: PeerState, m: Have, now: float) -> list[Outgoing]:
         """One ``have`` (the hot path in large swarms): same effect as
@@ -520,6 +533,13 @@ class SwarmSession:
 
     def _on_request(self, p: PeerState, msg: Request, now: float) -> list[Outgoing]:
         index, begin, length = msg.index, msg.begin, msg.length
+        if p.path_rtt == 0.0 and p.handshake_sent_at is not None:
+            # They dialed: our handshake to their first request.  A longer
+            # window may send more of our requests at once.
+            self._path_measured(p, now)
+            more = self._fill(p, now)
+            if more:
+                return more + self._on_request(p, msg, now)
         if p.am_choking or not self.picker.have[index]:
             p.counters.requests_refused += 1
             return []
@@ -740,8 +760,21 @@ class SwarmSession:
         picker = self.picker
         if not self._upload_aware:
             # first_copy_wait 0: BitTorrent's picking as before issue 12
+            # (latency rules: a source at least half as fast as our fastest
+            # shares the open blocks of pieces assigned elsewhere, rule 4
+            # below, so a piece's last blocks do not wait in one queue)
+            rate = p.rate_in
+            delay = cfg.end_game_delay
+            if self._latency_rules and 2 * p.srtt > delay:
+                # An end-game copy from p takes about p's round trip (queue
+                # included); a block outstanding for less than two of those
+                # is most likely queued at its source and arrives sooner
+                # from there than a copy would.
+                delay = 2 * p.srtt
             picks = picker.pick(pid, p.has, room, cfg.credit_bytes - p.reserved_total,
-                                inflight <= 1, now, cfg.end_game_delay)
+                                inflight <= 1, now, delay,
+                                fast=self._latency_rules and rate > 0.0
+                                and 2 * rate >= self._best_rate)
             return self._send_picks(p, picks, now)
         rate = p.rate_in
         if not picker.outstanding:
@@ -819,8 +852,9 @@ class SwarmSession:
             return []
         out: list[Outgoing] = []
         cfg = self.config
+        # the fastest source's rate: who may share open blocks (rule 4)
+        self._best_rate = max((p.rate_in for p in self.peers.values()), default=0.0)
         if self._upload_aware:
-            self._best_rate = max((p.rate_in for p in self.peers.values()), default=0.0)
             self._slow_owners = self._judge_owners(now)
         for p in list(self.peers.values()):
             if now - p.last_recv > cfg.peer_timeout:
