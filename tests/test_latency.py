@@ -7,33 +7,24 @@ source.  Every swarm here is small and runs in well under a second.
 """
 from __future__ import annotations
 
-import hashlib
-import random
-
 import pytest
 
 from fs_bittorrent.core.config import SwarmConfig
 from fs_bittorrent.core.layout import SwarmLayout
-from fs_bittorrent.core.manifest import Manifest, TensorSpec
 from fs_bittorrent.core.messages import (Bitfield, Choke, Handshake, Interested, NotInterested,
                                          Piece, Request, Unchoke)
 from fs_bittorrent.core.session import SwarmSession
 from fs_bittorrent.core.storage import MemoryPieceStorage
 from fs_bittorrent.sim.network import LinkProfile
 from fs_bittorrent.sim.swarm import build_swarm, lower_bound, lower_bound_latency
+from swarm_helpers import random_owners
 
 KiB = 1024
 
 
-def owners(n: int, size: int, piece: int) -> dict:
-    out = {}
-    for o in range(1, n + 1):
-        blob = random.Random(o).randbytes(size)
-        pieces = [blob[i:i + piece] for i in range(0, size, piece)]
-        m = Manifest(o, 0, size, piece, tuple(hashlib.sha256(p).digest() for p in pieces), 1,
-                     (TensorSpec("w", "U8", (size,), 0, size),))
-        out[o] = (m, pieces)
-    return out
+def owners(n: int, pieces: int, piece: int) -> dict:
+    """Owners 1..n, each with ``pieces`` random pieces (the last one short)."""
+    return random_owners({o: pieces for o in range(1, n + 1)}, piece)[0]
 
 
 def cooperative(**kw) -> SwarmConfig:
@@ -44,7 +35,7 @@ def cooperative(**kw) -> SwarmConfig:
 
 
 def two_sessions(config: SwarmConfig) -> dict[int, SwarmSession]:
-    own = owners(2, 256 * KiB, 64 * KiB)
+    own = owners(2, 4, 64 * KiB)
     layout = SwarmLayout(tuple(m for m, _ in own.values()))
     out = {}
     for pid, (m, pieces) in own.items():
@@ -110,10 +101,8 @@ def test_a_not_interested_peer_stays_unchoked_and_may_request_again_at_once():
 
 
 def _one_source(latency: float, config: SwarmConfig):
-    """Owner 1 sends 4 MiB to peer 2 (who owns one small piece) at 20 Mbit/s."""
-    own = owners(1, 4 * 1024 * KiB, 256 * KiB)
-    small = owners(2, 16 * KiB, 256 * KiB)[2]
-    own[2] = small
+    """Owner 1 sends about 4 MiB to owner 2 (one short piece) at 20 Mbit/s."""
+    own = random_owners({1: 16, 2: 1}, 256 * KiB)[0]
     link = LinkProfile(up=2.5e6, down=2.5e6, latency=latency)
     return own, build_swarm(own, config, {1: link, 2: link}, seed=0), link
 
@@ -144,7 +133,7 @@ def test_the_request_window_grows_to_cover_the_bandwidth_delay_product():
 def test_end_game_sends_no_copy_of_a_block_that_is_only_queued_at_its_source():
     # 300 ms one way: a block's normal round trip (0.6 s and more) is longer
     # than end_game_delay, so an age-only end game would copy healthy blocks.
-    own = owners(4, 512 * KiB, 256 * KiB)
+    own = owners(4, 2, 256 * KiB)
     link = LinkProfile(up=12.5e6, down=12.5e6, latency=0.3)
     swarm = build_swarm(own, cooperative(piece_size=256 * KiB), link, seed=0)
     r = swarm.run(until=60)
@@ -155,7 +144,7 @@ def test_end_game_sends_no_copy_of_a_block_that_is_only_queued_at_its_source():
 
 def test_latency_bound_is_below_every_measured_time_on_long_paths():
     for n, lat in ((3, 0.05), (4, 0.1)):
-        own = owners(n, 512 * KiB, 256 * KiB)
+        own = owners(n, 2, 256 * KiB)
         link = LinkProfile(up=12.5e6, down=12.5e6, latency=lat)
         swarm = build_swarm(own, cooperative(piece_size=256 * KiB), link, seed=0)
         r = swarm.run(until=60)
