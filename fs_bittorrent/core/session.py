@@ -443,19 +443,22 @@ class SwarmSession:
         out.extend(self._on_have(p, implicit, now))
         return out
 
-    def _path_measured(self, p: PeerState, now: float) -> None:
+    def _path_measured(self, p: PeerState, now: float) -> bool:
         """``p``'s path round trip, from our handshake to its answer (its
         handshake if we dialed, else its first request), is known.  Small
         messages do not queue behind blocks, so this is the path's latency,
         not a queue.  On a long path (a round trip longer than the
         ``request_queue_time`` the request window allows for queueing) the
         latency rules start its window at half the credit over the other
-        members and keep a standing queue at it (``PeerState.on_block``)."""
+        members and keep a standing queue at it (``PeerState.on_block``).
+        True if that deepened the window."""
         p.path_rtt = rtt = max(now - p.handshake_sent_at, 1e-9)
         if self._latency_rules and rtt >= self.config.request_queue_time:
             p.standing_queue = True
             if p.window < self._initial_window:
                 p.window = self._initial_window
+                return True
+        return False
 
     def _on_have_one(self, p: PeerState, m: Have, now: float) -> list[Outgoing]:
         """One ``have`` (the hot path in large swarms): same effect as
@@ -534,12 +537,12 @@ class SwarmSession:
     def _on_request(self, p: PeerState, msg: Request, now: float) -> list[Outgoing]:
         index, begin, length = msg.index, msg.begin, msg.length
         if p.path_rtt == 0.0 and p.handshake_sent_at is not None:
-            # They dialed: our handshake to their first request.  A longer
-            # window may send more of our requests at once.
-            self._path_measured(p, now)
-            more = self._fill(p, now)
-            if more:
-                return more + self._on_request(p, msg, now)
+            # They dialed: our handshake to their first request.  A deeper
+            # window sends more of our requests at once.
+            if self._path_measured(p, now):
+                more = self._fill(p, now)
+                if more:
+                    return more + self._on_request(p, msg, now)
         if p.am_choking or not self.picker.have[index]:
             p.counters.requests_refused += 1
             return []
