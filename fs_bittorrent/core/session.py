@@ -126,12 +126,15 @@ class SwarmSession:
         # set that where the known uplinks are uniform).
         self._upload_aware = config.first_copy_wait > 0
         # Latency rules (issue 12 item 2, docs/design.md "Long paths"): the
-        # dialer's bitfield and unchoke behind its handshake, a first
-        # request window of half the credit over the other members, a
-        # standing queue of min_requests_per_peer blocks at each source, and
-        # rates measured from the first block.  On where the first-copy plan
-        # is off: the plan needs every handshake in before the first request
-        # to an owner, and deep windows at slow owners undo it (measured).
+        # dialer's bitfield and unchoke behind its handshake; on long paths
+        # a first request window of half the credit over the other members
+        # and a standing queue of min_requests_per_peer blocks at each
+        # source; rates measured from the first block; fast sources share
+        # open blocks; no choke on not-interested; end-game copies only of
+        # blocks older than two of the copier's round trips.  On where the
+        # first-copy plan is off: the plan needs every handshake in before
+        # the first request to an owner, and deep windows at slow owners
+        # undo it (measured).
         self._latency_rules = not self._upload_aware
         others = max(1, len(layout.owners) - 1)
         self._initial_window = float(max(config.min_requests_per_peer, min(
@@ -762,13 +765,14 @@ class SwarmSession:
         # kept for what only it can give.
         picker = self.picker
         if not self._upload_aware:
-            # first_copy_wait 0: BitTorrent's picking as before issue 12
-            # (latency rules: a source at least half as fast as our fastest
-            # shares the open blocks of pieces assigned elsewhere, rule 4
-            # below, so a piece's last blocks do not wait in one queue)
+            # first_copy_wait 0: BitTorrent's picking as before issue 12,
+            # with the latency rules: a source at least half as fast as our
+            # fastest shares the open blocks of pieces assigned elsewhere
+            # (upload-aware rule 4), so a piece's last blocks do not wait in
+            # one source's queue
             rate = p.rate_in
             delay = cfg.end_game_delay
-            if self._latency_rules and 2 * p.srtt > delay:
+            if 2 * p.srtt > delay:
                 # An end-game copy from p takes about p's round trip (queue
                 # included); a block outstanding for less than two of those
                 # is most likely queued at its source and arrives sooner
@@ -776,8 +780,7 @@ class SwarmSession:
                 delay = 2 * p.srtt
             picks = picker.pick(pid, p.has, room, cfg.credit_bytes - p.reserved_total,
                                 inflight <= 1, now, delay,
-                                fast=self._latency_rules and rate > 0.0
-                                and 2 * rate >= self._best_rate)
+                                fast=rate > 0.0 and 2 * rate >= self._best_rate)
             return self._send_picks(p, picks, now)
         rate = p.rate_in
         if not picker.outstanding:
