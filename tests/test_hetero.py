@@ -137,12 +137,12 @@ def test_latency_aware_bound():
     links = {i: LinkProfile(up=1000.0, down=2000.0, latency=0.05) for i in shares}
     t_lb = lower_bound(shares, links)
     assert t_lb == pytest.approx(2.0)  # (n-1) S / u
-    assert lower_bound_latency(shares, links) == pytest.approx(t_lb + 4 * 0.05)
+    assert lower_bound_latency(shares, links) == pytest.approx(t_lb + 3 * 0.05)
     mixed = {1: LinkProfile(1000.0, 2000.0, 0.01), 2: LinkProfile(1000.0, 2000.0, 0.02),
              3: LinkProfile(1000.0, 2000.0, 0.1)}
-    # 2 L_1 + L_2 (first request reaches a sender) + L_1 (the last byte lands)
+    # L_1 + L_2 (a handshake out, the first request back) + L_1 (the last byte lands)
     assert lower_bound_latency(shares, mixed) == pytest.approx(
-        lower_bound(shares, mixed) + 2 * 0.01 + 0.02 + 0.01)
+        lower_bound(shares, mixed) + 0.01 + 0.02 + 0.01)
     assert lower_bound_latency({1: 1000}, {1: links[1]}) == lower_bound({1: 1000}, {1: links[1]})
 
 

@@ -44,6 +44,7 @@ class PeerState:
     # handshake
     handshake_sent_at: Optional[float] = None
     handshaken: bool = False
+    opened: bool = False             # we dialed and sent bitfield + unchoke behind our handshake
     # BEP 3 flags
     am_choking: bool = True
     am_interested: bool = False
@@ -74,12 +75,15 @@ class PeerState:
     interested_since: float = 0.0
     # download rate from this peer (EWMA), which sizes the request pipeline
     min_rtt: float = 0.0              # smallest request-to-block time seen
+    srtt: float = 0.0                 # smoothed request-to-block time (TCP's 1/8 gain)
+    path_rtt: float = 0.0             # handshake round trip (0: not measured yet)
     window: float = 0.0               # request window, in blocks (0: not started)
     slow_start: bool = True
+    standing_queue: bool = False      # keep >= lo blocks queued at the sender (see on_block)
     timeout_streak: int = 0          # ticks in a row with timeouts and no block received
     rate_in: float = 0.0
     rate_bytes: int = 0
-    rate_since: float = 0.0
+    rate_since: float = 0.0           # start of the current rate sample (< 0: at the first block)
     counters: PeerCounters = field(default_factory=PeerCounters)
 
     def __post_init__(self) -> None:
@@ -97,7 +101,16 @@ class PeerState:
         return [i for i in range(self.num_pieces) if self.has[i]]
 
     def note_received(self, nbytes: int, now: float, window: float = 0.1) -> None:
-        """Fold received bytes into the rate estimate every ``window`` seconds."""
+        """Fold received bytes into the rate estimate every ``window`` seconds.
+
+        With ``rate_since`` < 0 (the session's latency rules) the first
+        sample starts at the first block: the time before it (the
+        handshake and the request's round trip) says nothing of the rate,
+        and counting it made the first estimates, and the request window
+        sized from them, several times too small on long paths."""
+        if self.rate_since < 0.0:
+            self.rate_since = now
+            return
         self.rate_bytes += nbytes
         dt = now - self.rate_since
         if dt >= window:
@@ -113,9 +126,20 @@ class PeerState:
         Slow start: while blocks come back at about the path RTT the pipe,
         not the link, is the bottleneck, so grow by one block per block
         (doubling each RTT).  The first time the delay says a queue is
-        building, leave slow start for good and follow the measured rate
-        times (path RTT + ``queue_time``).
+        building, leave slow start for good.
+
+        Then the window covers the measured rate times the path's minimum
+        RTT (the bandwidth-delay product) plus ``queue_time`` worth of the
+        rate queued at the sender; with ``standing_queue`` (the session's
+        latency rules) that queue is at least ``lo`` blocks, so the
+        sender's uplink always holds our next blocks.  (A
+        window of rate x (RTT + ``queue_time``) alone shrank to the floor on
+        long paths: other peers' blocks queued at the same sender stretch
+        our RTT, the window-limited rate falls with it, and every round
+        trip drained the sender's uplink.  With ``lo`` blocks always queued
+        per requester the fixed point is the sender busy, not idle.)
         """
+        self.srtt = rtt if self.srtt == 0.0 else self.srtt + (rtt - self.srtt) / 8
         min_rtt = self.min_rtt
         if rtt > 0 and (min_rtt == 0.0 or rtt < min_rtt):
             self.min_rtt = min_rtt = rtt
@@ -130,7 +154,11 @@ class PeerState:
                 return
             self.slow_start = False  # a queue is building: leave slow start for good
         if self.rate_in > 0:
-            window = self.rate_in * (min_rtt + queue_time) / block_size
+            if self.standing_queue:
+                queued = self.rate_in * queue_time / block_size
+                window = self.rate_in * min_rtt / block_size + (queued if queued > lo else lo)
+            else:
+                window = self.rate_in * (min_rtt + queue_time) / block_size
             window = window if window < hi else hi
             self.window = window if window > lo else lo
 

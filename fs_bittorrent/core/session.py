@@ -125,6 +125,20 @@ class SwarmSession:
         # all of it off with first_copy_wait 0 (build_swarm and the FS runner
         # set that where the known uplinks are uniform).
         self._upload_aware = config.first_copy_wait > 0
+        # Latency rules (issue 12 item 2, docs/design.md "Long paths"): the
+        # dialer's bitfield and unchoke behind its handshake; on long paths
+        # a first request window of half the credit over the other members
+        # and a standing queue of min_requests_per_peer blocks at each
+        # source; rates measured from the first block; fast sources share
+        # open blocks; no choke on not-interested; end-game copies only of
+        # blocks older than two of the copier's round trips.  On where the
+        # first-copy plan is off: the plan needs every handshake in before
+        # the first request to an owner, and deep windows at slow owners
+        # undo it (measured).
+        self._latency_rules = not self._upload_aware
+        others = max(1, len(layout.owners) - 1)
+        self._initial_window = float(max(config.min_requests_per_peer, min(
+            config.max_requests_per_peer, config.credit_bytes // config.block_size // 2 // others)))
         self._idle_since: Optional[float] = None  # nothing in flight anywhere since
         # Our total download rate (EWMA, like PeerState's), which says how
         # long we still expect to download: a source that cannot finish a
@@ -227,7 +241,8 @@ class SwarmSession:
         p = self.peers.get(peer)
         if p is None:
             p = PeerState(peer, self.layout.num_pieces, connected_at=now,
-                          last_recv=now, last_sent=now, rate_since=now)
+                          last_recv=now, last_sent=now,
+                          rate_since=-1.0 if self._latency_rules else now)
             self.peers[peer] = p
         return p
 
@@ -239,7 +254,22 @@ class SwarmSession:
         if p.handshake_sent_at is not None:
             return []
         p.handshake_sent_at = now
-        return [self._send(p, self._handshake(), now)]
+        return self._opening(p, now)
+
+    def _opening(self, p: PeerState, now: float) -> list[Outgoing]:
+        """What the dialing side sends first: its handshake and, in a
+        cooperative swarm (``max_upload_slots`` 0), its bitfield and unchoke
+        right behind it.  The other side then may request as soon as our
+        handshake arrives, one latency after the dial, instead of after a
+        second crossing (its handshake out, our unchoke back).  They follow
+        the handshake on the same connection, so the receiver reads them
+        after it (a receiver refuses anything before a handshake)."""
+        out = [self._send(p, self._handshake(), now)]
+        if self.config.max_upload_slots == 0 and self._latency_rules:
+            p.opened = True
+            out.append(self._send(p, Bitfield(encode_bits(self.have, self.layout.num_pieces)), now))
+            out.extend(self._unchoke(p, now))
+        return out
 
     def peer_lost(self, peer: int, now: float) -> None:
         """The host lost the connection (or we closed it): release its records.
@@ -295,6 +325,11 @@ class SwarmSession:
 
         def on_not_interested(p: PeerState, m: NotInterested, now: float) -> list[Outgoing]:
             p.peer_interested = False
+            if self.config.max_upload_slots == 0 and self._latency_rules:
+                # Cooperative swarm: no slot to free, so the peer stays
+                # unchoked; when it wants a piece again its requests go out
+                # with its interested (no interested -> unchoke round trip).
+                return []
             return self._choke(p, now) if not p.am_choking else []
 
         def on_unchoke(p: PeerState, m: Unchoke, now: float) -> list[Outgoing]:
@@ -404,20 +439,41 @@ class SwarmSession:
                 out.append(self._send(p, Bitfield(encode_bits(self.have, self.layout.num_pieces)), now))
             return out
         p.handshaken = True
+        if p.handshake_sent_at is not None:
+            self._path_measured(p, now)  # we dialed: our handshake's round trip
         self.picker.live.add(peer)
         if p.handshake_sent_at is None:
             p.handshake_sent_at = now
             out.append(self._send(p, self._handshake(), now))
-        out.append(self._send(p, Bitfield(encode_bits(self.have, self.layout.num_pieces)), now))
-        if self.config.max_upload_slots == 0:
-            # Cooperative swarm: every interested peer is unchoked (only a peer
-            # that says not-interested is choked), so do not make the peer wait
-            # a round trip (interested -> unchoke) before it may request.
+        # (A dialer's bitfield and unchoke went out behind its handshake.)
+        if not p.opened:
+            out.append(self._send(p, Bitfield(encode_bits(self.have, self.layout.num_pieces)), now))
+        if self.config.max_upload_slots == 0 and not p.opened:
+            # Cooperative swarm: every peer is unchoked, so do not make the
+            # peer wait a round trip (interested -> unchoke) before it may
+            # request.
             out.extend(self._unchoke(p, now))
         # An owner always holds its own pieces: known even if its bitfield is lost.
         implicit = list(self.layout.owner_range(peer)) if peer in self.layout.owners else []
         out.extend(self._on_have(p, implicit, now))
         return out
+
+    def _path_measured(self, p: PeerState, now: float) -> bool:
+        """``p``'s path round trip, from our handshake to its answer (its
+        handshake if we dialed, else its first request), is known.  Small
+        messages do not queue behind blocks, so this is the path's latency,
+        not a queue.  On a long path (a round trip longer than the
+        ``request_queue_time`` the request window allows for queueing) the
+        latency rules start its window at half the credit over the other
+        members and keep a standing queue at it (``PeerState.on_block``).
+        True if that deepened the window."""
+        p.path_rtt = rtt = max(now - p.handshake_sent_at, 1e-9)
+        if self._latency_rules and rtt >= self.config.request_queue_time:
+            p.standing_queue = True
+            if p.window < self._initial_window:
+                p.window = self._initial_window
+                return True
+        return False
 
     def _on_have_one(self, p: PeerState, m: Have, now: float) -> list[Outgoing]:
         """One ``have`` (the hot path in large swarms): same effect as
@@ -495,6 +551,13 @@ class SwarmSession:
 
     def _on_request(self, p: PeerState, msg: Request, now: float) -> list[Outgoing]:
         index, begin, length = msg.index, msg.begin, msg.length
+        if p.path_rtt == 0.0 and p.handshake_sent_at is not None:
+            # They dialed: our handshake to their first request.  A deeper
+            # window sends more of our requests at once.
+            if self._path_measured(p, now):
+                more = self._fill(p, now)
+                if more:
+                    return more + self._on_request(p, msg, now)
         if p.am_choking or not self.picker.have[index]:
             p.counters.requests_refused += 1
             return []
@@ -714,9 +777,22 @@ class SwarmSession:
         # kept for what only it can give.
         picker = self.picker
         if not self._upload_aware:
-            # first_copy_wait 0: BitTorrent's picking as before issue 12
+            # first_copy_wait 0: BitTorrent's picking as before issue 12,
+            # with the latency rules: a source at least half as fast as our
+            # fastest shares the open blocks of pieces assigned elsewhere
+            # (upload-aware rule 4), so a piece's last blocks do not wait in
+            # one source's queue
+            rate = p.rate_in
+            delay = cfg.end_game_delay
+            if 2 * p.srtt > delay:
+                # An end-game copy from p takes about p's round trip (queue
+                # included); a block outstanding for less than two of those
+                # is most likely queued at its source and arrives sooner
+                # from there than a copy would.
+                delay = 2 * p.srtt
             picks = picker.pick(pid, p.has, room, cfg.credit_bytes - p.reserved_total,
-                                inflight <= 1, now, cfg.end_game_delay)
+                                inflight <= 1, now, delay,
+                                fast=rate > 0.0 and 2 * rate >= self._best_rate)
             return self._send_picks(p, picks, now)
         rate = p.rate_in
         if not picker.outstanding:
@@ -794,8 +870,9 @@ class SwarmSession:
             return []
         out: list[Outgoing] = []
         cfg = self.config
+        # the fastest source's rate: who may share open blocks (rule 4)
+        self._best_rate = max((p.rate_in for p in self.peers.values()), default=0.0)
         if self._upload_aware:
-            self._best_rate = max((p.rate_in for p in self.peers.values()), default=0.0)
             self._slow_owners = self._judge_owners(now)
         for p in list(self.peers.values()):
             if now - p.last_recv > cfg.peer_timeout:
@@ -807,7 +884,7 @@ class SwarmSession:
             if not p.handshaken:
                 if p.handshake_sent_at is not None and now - p.handshake_sent_at >= cfg.handshake_retry:
                     p.handshake_sent_at = now
-                    out.append(self._send(p, self._handshake(), now))
+                    out.extend(self._opening(p, now))
                 continue
             out.extend(self._expire_requests(p, now))
             if p.timeout_streak > self.config.max_retries:

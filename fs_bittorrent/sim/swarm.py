@@ -79,24 +79,28 @@ def lower_bound_latency(piece_bytes: Mapping[int, int], profiles: Mapping[int, L
                         server_up: float = 0.0) -> float:
     """T_LB plus the path latency a handshake-then-pull exchange cannot avoid.
 
-    ``T_LB,lat = T_LB + min_{i != j} (2 L_i + L_j) + min_i L_i``, with ``L_i``
+    ``T_LB,lat = T_LB + min_{i != j} (L_i + L_j) + min_i L_i``, with ``L_i``
     peer i's one-way latency (a message from i takes ``L_i`` to arrive, as
     in the simulator; on a real network read ``L_i + L_j`` as the path's
-    one-way delay).  No uplink can send a piece byte before some request
-    has reached it: i's handshake reaches j (``L_i``), j's handshake comes
-    back (``L_j``), i's request reaches j (``L_i``).  And the last byte sent
-    still needs at least ``min L`` to arrive.  The bandwidth bound then
-    applies between the two, so with one latency L everywhere
-    ``T_LB,lat = T_LB + 4 L`` (two round trips).  It is a bound for
-    BitTorrent-style exchanges (handshake, then request/response), not for
-    every protocol; ``η = T_LB / T`` stays the headline figure.
+    round trip).  No uplink can send a piece byte before some request has
+    reached it, and no peer requests before it has heard from the source:
+    i's handshake reaches j (``L_i``; in a cooperative swarm i's unchoke
+    rides behind it), j's request comes back (``L_j``).  The last byte sent
+    still needs at least ``min L`` to arrive.  The bandwidth bound applies
+    in between (every uplink starts at ``min (L_i + L_j)`` at the
+    earliest), so with one latency L everywhere ``T_LB,lat = T_LB + 3 L``.
+    It bounds when every peer holds everything; the simulator's T also
+    counts the last messages of the round (a ``not interested``, one L).
+    It is a bound for BitTorrent-style exchanges (hear the peer, then
+    request), not for every protocol; ``η = T_LB / T`` stays the headline
+    figure.
     """
     t_lb = lower_bound(piece_bytes, profiles, server_up)
     lat = sorted(profiles[i].latency for i in piece_bytes)
     if len(lat) < 2:
         return t_lb
-    # 2 L_i + L_j over i != j is smallest with i the lowest latency, j the next
-    return t_lb + 2 * lat[0] + lat[1] + lat[0]
+    # L_i + L_j over i != j is smallest for the two lowest latencies
+    return t_lb + lat[0] + lat[1] + lat[0]
 
 
 def build_swarm(owners: OwnerPieces, config: SwarmConfig = SwarmConfig(),
