@@ -22,20 +22,17 @@ FAST = LinkProfile(up=2e6, down=2e6, latency=0.002)
 
 
 def served_by(session: SwarmSession) -> dict[int, set[int]]:
-    """Wrap ``session``'s request handler: piece index -> the peers it sent
-    blocks of that piece to (what really left its uplink)."""
+    """Watch ``session``'s block sends (answered requests, paced or not):
+    piece index -> the peers it sent blocks of that piece to (what really
+    left its uplink)."""
     served: dict[int, set[int]] = {}
-    handle = session._dispatch[next(k for k in session._dispatch if k.__name__ == "Request")]
-    check, act = handle
+    serve = session._serve
 
-    def counting(p, msg, now):
-        out = act(p, msg, now)
-        if out:
-            served.setdefault(msg.index, set()).add(p.peer_id)
-        return out
+    def counting(p, index, begin, length, now):
+        served.setdefault(index, set()).add(p.peer_id)
+        return serve(p, index, begin, length, now)
 
-    session._dispatch[next(k for k in session._dispatch if k.__name__ == "Request")] = \
-        (check, counting)
+    session._serve = counting
     return served
 
 
@@ -70,7 +67,7 @@ def test_slow_owner_gives_first_copies_to_their_designees():
     swarm = build_swarm(owners, CFG, profiles, seed=3)
     served = served_by(swarm.sessions[slow])
     assert swarm.run(until=600).complete
-    plan = first_copy_plan(swarm.layout)
+    plan = first_copy_plan(swarm.layout, {i: profiles[i].up for i in owners})
     for i in swarm.layout.owner_range(slow):
         assert plan[i] in served[i]  # its designee got it from the owner
 
