@@ -335,6 +335,8 @@ class SwarmSession:
             p.clear_served(m.index, m.begin)
             if self._held:
                 self._drop_held(p.peer_id, m.index, (m.begin,))
+            if self._held_started and m.index not in p.served_by_piece:
+                self._held_started.pop((p.peer_id, m.index), None)  # nothing left for p
             return []
 
         def on_not_interested(p: PeerState, m: NotInterested, now: float) -> list[Outgoing]:
@@ -456,7 +458,7 @@ class SwarmSession:
         ``_on_have(p, [index])`` without building lists."""
         i = m.index
         if i in p.served_by_piece:
-            if self._held:
+            if self._held_started:
                 self._settle_held(p, i)
             p.clear_served_piece(i)  # their have settles what we served them
         if not p.set_has(i):
@@ -485,7 +487,7 @@ class SwarmSession:
                 availability[i] += 1
         for i in indices:
             # Their have settles what we served them for the piece.
-            if self._held:
+            if self._held_started:
                 self._settle_held(p, i)
             p.clear_served_piece(i)
         out: list[Outgoing] = []
@@ -606,7 +608,7 @@ class SwarmSession:
             self._held_heap.clear()
 
     def _settle_held(self, p: PeerState, index: int) -> None:
-        """``p`` holds ``index`` now: nothing of it is left to send it."""
+        """``p`` holds ``index`` now (its have): nothing of it is left to send."""
         self._drop_held(p.peer_id, index, p.served_by_piece.get(index, ()))
         self._held_started.pop((p.peer_id, index), None)
 
