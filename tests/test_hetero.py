@@ -21,18 +21,28 @@ CFG = SwarmConfig(piece_size=PIECE, block_size=4 * 1024)
 FAST = LinkProfile(up=2e6, down=2e6, latency=0.002)
 
 
-def served_by(session: SwarmSession) -> dict[int, set[int]]:
-    """Watch ``session``'s block sends (answered requests, paced or not):
-    piece index -> the peers it sent blocks of that piece to (what really
-    left its uplink)."""
+def sent_blocks(swarm, peer: int) -> list[tuple[int, int]]:
+    """Watch what ``peer``'s session hands the simulated network to send
+    (paced or not): (piece index, receiver) per block, in order."""
+    from fs_bittorrent.core.messages import Piece
+    sent: list[tuple[int, int]] = []
+    net = swarm.network
+    emit = net._emit
+
+    def watching(src, outgoing):
+        if src == peer:
+            outgoing = list(outgoing)
+            sent.extend((m.index, dst) for dst, m in outgoing if type(m) is Piece)
+        return emit(src, outgoing)
+    net._emit = watching
+    return sent
+
+
+def by_piece(sent: list[tuple[int, int]]) -> dict[int, set[int]]:
+    """piece index -> the peers blocks of it were sent to."""
     served: dict[int, set[int]] = {}
-    serve = session._serve
-
-    def counting(p, index, begin, length, now):
-        served.setdefault(index, set()).add(p.peer_id)
-        return serve(p, index, begin, length, now)
-
-    session._serve = counting
+    for index, dst in sent:
+        served.setdefault(index, set()).add(dst)
     return served
 
 
@@ -44,9 +54,10 @@ def test_slow_owner_uploads_about_one_copy_and_each_piece_to_few_peers(n, pieces
     profiles = {i: FAST for i in owners}
     profiles[slow] = LinkProfile(up=FAST.up / 20, down=FAST.down, latency=FAST.latency)
     swarm = build_swarm(owners, CFG, profiles, seed=n)
-    served = served_by(swarm.sessions[slow])
+    sent = sent_blocks(swarm, slow)
     result = swarm.run(until=600)
     assert result.complete
+    served = by_piece(sent)
     share = owners[slow][0].total_size
     up = swarm.sessions[slow].stats.bytes_up
     # about one copy of its share (without the plan: 3.5 copies, below)
@@ -65,8 +76,9 @@ def test_slow_owner_gives_first_copies_to_their_designees():
     profiles = {i: FAST for i in owners}
     profiles[slow] = LinkProfile(up=FAST.up / 20, down=FAST.down, latency=FAST.latency)
     swarm = build_swarm(owners, CFG, profiles, seed=3)
-    served = served_by(swarm.sessions[slow])
+    sent = sent_blocks(swarm, slow)
     assert swarm.run(until=600).complete
+    served = by_piece(sent)
     plan = first_copy_plan(swarm.layout, {i: profiles[i].up for i in owners})
     for i in swarm.layout.owner_range(slow):
         assert plan[i] in served[i]  # its designee got it from the owner
@@ -240,13 +252,7 @@ def _first_copies(paced: bool) -> tuple[dict[int, int], list[int], dict]:
     owner = swarm.sessions[4]
     assert owner.paced_uploads and owner.uplinks == {i: profiles[i].up for i in owners}
     owner.paced_uploads = paced    # the simulator paces only where this is on
-    sent: list[tuple[int, int]] = []
-    serve = owner._serve
-
-    def watching(p, index, begin, length, now):
-        sent.append((index, p.peer_id))
-        return serve(p, index, begin, length, now)
-    owner._serve = watching
+    sent = sent_blocks(swarm, 4)
     assert swarm.run(until=600).complete
     assert all(v == 0 for v in owner.record_counts().values()), owner.record_counts()
     mine = set(swarm.layout.owner_range(4))
