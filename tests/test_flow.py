@@ -33,16 +33,18 @@ def both(owners, links, deadline=None):
     return block, flow
 
 
-# (scenario, tolerance on the exchange time): measured -1.4 %, -15.8 %, -1.6 %,
-# -3.5 %, -1.3 %, +1.9 % at this size (flow minus block, relative).  Both levels
+# (scenario, tolerance on the exchange time): measured -1.4 %, -7.6 %, -2.4 %,
+# -1.4 %, -1.6 %, +0.8 % at this size (flow minus block, relative).  Both levels
 # use the upload-aware source rules of issue 12 where uplinks differ
-# (first-copy plan, sparing slow sources); the flow level applies them per
-# piece from the pairs' max-min rates, while the block level judges sources
-# by measured rates (EWMA) and also lets fast idle sources share the open
-# blocks of other peers' pieces.  In half_slow (half the uplinks 10x slower,
-# 8 pieces per owner) that leaves the fluid model 16 % faster than the block
-# level, hence 0.20 there; before issue 12 the flow level was 11 % slower.
-AGREEMENT = [("uniform", 0.05), ("half_slow", 0.20), ("one_slow", 0.05),
+# (capacity-aware first-copy plan, sparing slow sources); the flow level
+# applies them per piece from the pairs' max-min rates, while the block level
+# judges sources by measured rates (EWMA), lets fast idle sources share the
+# open blocks of other peers' pieces and paces uploads in its own serving
+# order.  In half_slow (half the uplinks 10x slower, 8 pieces per owner) the
+# fluid model was 16 % faster than the block level before the block level
+# paced its uploads (now 8 %), hence 0.10 there; before issue 12 the flow
+# level was 11 % slower.
+AGREEMENT = [("uniform", 0.05), ("half_slow", 0.10), ("one_slow", 0.05),
              ("fast_quarter", 0.05), ("lognormal", 0.05), ("up10_down100", 0.05)]
 
 
@@ -66,14 +68,25 @@ def test_exchange_time_agrees_with_the_block_level(owners, name, tolerance):
 
 def test_completion_order_follows_the_links(owners):
     """Log-normal links: who finishes first is decided by the links, and both
-    levels agree on it (Spearman's rank correlation of completion times)."""
+    levels agree on it: every two clients whose block-level completion times
+    differ by more than a tenth of the round finish in the same order at
+    flow level, and the rank correlation is high.  (Near-ties may swap: the
+    block level's paced uploads serve relays to the requester furthest
+    behind first, which evens out completion times; at this size four
+    clients finish within 0.06 s of each other there.)"""
     links = scenario("lognormal", N)
     block, flow = both(owners, links)
     ids = sorted(owners)
-    rb = np.argsort(np.argsort([block.completed_at[i] for i in ids]))
-    rf = np.argsort(np.argsort([flow.completed_at[i] for i in ids]))
+    tb = {i: block.completed_at[i] for i in ids}
+    tf = {i: flow.completed_at[i] for i in ids}
+    for a in ids:
+        for b in ids:
+            if tb[a] < tb[b] - 0.1 * block.virtual_time:
+                assert tf[a] < tf[b], (a, b, tb, tf)
+    rb = np.argsort(np.argsort([tb[i] for i in ids]))
+    rf = np.argsort(np.argsort([tf[i] for i in ids]))
     rho = 1 - 6 * float(((rb - rf) ** 2).sum()) / (N * (N * N - 1))
-    assert rho >= 0.9
+    assert rho >= 0.8
 
 
 def test_deadline_cuts_the_round_like_the_block_level(owners):

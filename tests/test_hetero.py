@@ -21,21 +21,28 @@ CFG = SwarmConfig(piece_size=PIECE, block_size=4 * 1024)
 FAST = LinkProfile(up=2e6, down=2e6, latency=0.002)
 
 
-def served_by(session: SwarmSession) -> dict[int, set[int]]:
-    """Wrap ``session``'s request handler: piece index -> the peers it sent
-    blocks of that piece to (what really left its uplink)."""
+def sent_blocks(swarm, peer: int) -> list[tuple[int, int]]:
+    """Watch what ``peer``'s session hands the simulated network to send
+    (paced or not): (piece index, receiver) per block, in order."""
+    from fs_bittorrent.core.messages import Piece
+    sent: list[tuple[int, int]] = []
+    net = swarm.network
+    emit = net._emit
+
+    def watching(src, outgoing):
+        if src == peer:
+            outgoing = list(outgoing)
+            sent.extend((m.index, dst) for dst, m in outgoing if type(m) is Piece)
+        return emit(src, outgoing)
+    net._emit = watching
+    return sent
+
+
+def by_piece(sent: list[tuple[int, int]]) -> dict[int, set[int]]:
+    """piece index -> the peers blocks of it were sent to."""
     served: dict[int, set[int]] = {}
-    handle = session._dispatch[next(k for k in session._dispatch if k.__name__ == "Request")]
-    check, act = handle
-
-    def counting(p, msg, now):
-        out = act(p, msg, now)
-        if out:
-            served.setdefault(msg.index, set()).add(p.peer_id)
-        return out
-
-    session._dispatch[next(k for k in session._dispatch if k.__name__ == "Request")] = \
-        (check, counting)
+    for index, dst in sent:
+        served.setdefault(index, set()).add(dst)
     return served
 
 
@@ -47,9 +54,10 @@ def test_slow_owner_uploads_about_one_copy_and_each_piece_to_few_peers(n, pieces
     profiles = {i: FAST for i in owners}
     profiles[slow] = LinkProfile(up=FAST.up / 20, down=FAST.down, latency=FAST.latency)
     swarm = build_swarm(owners, CFG, profiles, seed=n)
-    served = served_by(swarm.sessions[slow])
+    sent = sent_blocks(swarm, slow)
     result = swarm.run(until=600)
     assert result.complete
+    served = by_piece(sent)
     share = owners[slow][0].total_size
     up = swarm.sessions[slow].stats.bytes_up
     # about one copy of its share (without the plan: 3.5 copies, below)
@@ -68,9 +76,10 @@ def test_slow_owner_gives_first_copies_to_their_designees():
     profiles = {i: FAST for i in owners}
     profiles[slow] = LinkProfile(up=FAST.up / 20, down=FAST.down, latency=FAST.latency)
     swarm = build_swarm(owners, CFG, profiles, seed=3)
-    served = served_by(swarm.sessions[slow])
+    sent = sent_blocks(swarm, slow)
     assert swarm.run(until=600).complete
-    plan = first_copy_plan(swarm.layout)
+    served = by_piece(sent)
+    plan = first_copy_plan(swarm.layout, {i: profiles[i].up for i in owners})
     for i in swarm.layout.owner_range(slow):
         assert plan[i] in served[i]  # its designee got it from the owner
 
@@ -170,3 +179,120 @@ def test_upload_aware_rules_only_where_the_known_uplinks_differ():
     mixed[3] = LinkProfile(up=FAST.up / 20, down=FAST.down, latency=FAST.latency)
     aware, bare = run(CFG, mixed), run(plain, mixed)
     assert aware[0] < bare[0] and aware[1][3] < bare[1][3], (aware, bare)
+
+
+# ---- capacity hints and paced uploads ---------------------------------------------
+
+def _owner_storage(owners, pid):
+    from fs_bittorrent.core.storage import MemoryPieceStorage
+    st = MemoryPieceStorage()
+    if pid in owners:
+        m, pieces = owners[pid]
+        for k, data in enumerate(pieces):
+            st.put(pid, k, m.piece_hashes[k], data)
+    return st
+
+
+@pytest.mark.parametrize("bad,field,value", [
+    ({1: -5.0}, "uplinks[1]", -5.0),
+    ({1: float("nan")}, "uplinks[1]", "nan"),
+    ({1: 0}, "uplinks[1]", 0),
+    ({99: 1e6}, "uplinks", 99),
+    ({"2": 1e6}, "uplinks", "2"),
+    ({2: "fast"}, "uplinks[2]", "fast"),
+])
+def test_bad_uplinks_hint_is_refused_naming_the_entry(bad, field, value):
+    from fs_bittorrent.errors import ConfigError
+    owners, _ = random_owners({1: 2, 2: 2, 3: 2}, PIECE, seed=1)
+    layout = SwarmLayout(tuple(m for m, _ in owners.values()))
+    st = _owner_storage(owners, 1)
+    before = {k: st.get(1, k) for k in range(2)}
+    with pytest.raises(ConfigError) as err:
+        SwarmSession(1, layout, st, CFG, uplinks=bad)
+    assert err.value.field == field and str(value) in str(err.value)
+    # nothing lost: the storage still holds the owner's pieces, and a good
+    # hint on the same storage builds a working session
+    assert {k: st.get(1, k) for k in range(2)} == before
+    s = SwarmSession(1, layout, st, CFG, uplinks={1: 1e6, 2: 2e6})
+    assert s.uplinks == {1: 1e6, 2: 2e6} and s.pieces_have == 2
+
+
+def test_capacity_aware_plan_gives_fast_relays_the_first_copies():
+    owners, _ = random_owners({i: 8 for i in range(1, 9)}, PIECE, seed=4)
+    layout = SwarmLayout(tuple(m for m, _ in owners.values()))
+    ups = {i: 1e6 if i % 2 else 1e7 for i in owners}       # odd ids 10x slower
+    plan = first_copy_plan(layout, ups)
+    # the same plan whatever order the hint is given in (every peer agrees)
+    assert plan == first_copy_plan(layout, dict(reversed(list(ups.items()))))
+    fast = {i for i in owners if ups[i] == 1e7}
+    for owner in layout.owners:
+        got = [plan[i] for i in layout.owner_range(owner)]
+        assert owner not in got
+        # 8 pieces, fast relays 10x the weight of slow ones: all go to fast
+        # relays, spread over at least three of them
+        assert set(got) <= fast and len(set(got)) >= 3, (owner, got)
+    # with many pieces per owner, relays get shares in proportion to uplink
+    many, _ = random_owners({i: 60 for i in range(1, 5)}, PIECE, seed=4)
+    big = SwarmLayout(tuple(m for m, _ in many.values()))
+    plan = first_copy_plan(big, {1: 3e6, 2: 1e6, 3: 1e6, 4: 1e6})
+    to_1 = sum(1 for i in big.owner_range(2) if plan[i] == 1)
+    assert 30 <= to_1 <= 40   # 60 pieces * 3 / (3 + 1 + 1)
+    # no hint, or an empty one: the round-robin plan as before
+    assert first_copy_plan(layout, None) == first_copy_plan(layout) == first_copy_plan(layout, {})
+
+
+def _first_copies(paced: bool) -> tuple[dict[int, int], list[int], dict]:
+    """Half the uplinks 10x slower; owner 4 (slow) paced or not: its pieces'
+    first receivers, the order its first-copy blocks left, and the swarm."""
+    owners, _ = random_owners({i: 6 for i in range(1, 7)}, PIECE, seed=6)
+    profiles = {i: LinkProfile(up=FAST.up / 10, down=FAST.down, latency=FAST.latency)
+                if i % 2 == 0 else FAST for i in owners}
+    cfg = SwarmConfig(piece_size=PIECE, block_size=1024)  # 16 blocks a piece, as by default
+    swarm = build_swarm(owners, cfg, profiles, seed=6)
+    owner = swarm.sessions[4]
+    assert owner.paced_uploads and owner.uplinks == {i: profiles[i].up for i in owners}
+    owner.paced_uploads = paced    # the simulator paces only where this is on
+    sent = sent_blocks(swarm, 4)
+    assert swarm.run(until=600).complete
+    assert all(v == 0 for v in owner.record_counts().values()), owner.record_counts()
+    mine = set(swarm.layout.owner_range(4))
+    first: dict[int, int] = {}
+    for index, pid in sent:
+        if index in mine:
+            first.setdefault(index, pid)
+    assert set(first) == mine
+    order = [index for index, pid in sent if index in mine and first[index] == pid]
+    return first, order, swarm
+
+
+def test_slow_owner_sends_its_first_copies_to_fast_relays_about_one_piece_at_a_time():
+    """Every first copy a slow owner gives goes to a fast peer (capacity-aware
+    plan), and paced, its uplink mostly finishes one piece before starting
+    the next, so relays start early; a FIFO uplink interleaves them."""
+    first, order, swarm = _first_copies(paced=True)
+    assert all(pid % 2 == 1 for pid in first.values()), first   # odd ids are fast
+    switches = sum(1 for a, b in zip(order, order[1:]) if a != b)
+    assert switches <= 2 * (len(first) - 1), order
+    _, fifo, _ = _first_copies(paced=False)
+    assert switches < sum(1 for a, b in zip(fifo, fifo[1:]) if a != b), (order, fifo)
+
+
+def test_paced_session_holds_requests_until_the_host_has_room():
+    from fs_bittorrent.core.messages import Cancel, Handshake, Piece, Request
+    owners, _ = random_owners({1: 2, 2: 2}, PIECE, seed=2)
+    layout = SwarmLayout(tuple(m for m, _ in owners.values()))
+    s = SwarmSession(1, layout, _owner_storage(owners, 1), CFG, paced_uploads=True)
+    s.handle(2, Handshake(swarm_id=layout.swarm_id, peer_id=2, credit=CFG.credit_bytes,
+                          auth=b"\x00" * 32), 0.0)
+    bs = CFG.block_size
+    reqs = [Request(0, 0, bs), Request(0, bs, bs), Request(1, 0, bs)]
+    for r in reqs:
+        assert s.handle(2, r, 0.1) == []        # held, nothing sent yet
+    assert s.upload_waiting and s.record_counts()["held_uploads"] == 3
+    assert s.handle(2, Cancel(1, 0, bs), 0.1) == []   # a cancel drops a held block
+    out = s.upload_ready(0.2, 1)                 # room for less than a block: one block
+    assert [(m.index, m.begin) for _, m in out if isinstance(m, Piece)] == [(0, 0)]
+    out = s.upload_ready(0.3, 10 * bs)
+    assert [(m.index, m.begin) for _, m in out] == [(0, bs)]
+    assert not s.upload_waiting and s.stats.bytes_up == 2 * bs
+    assert s.upload_ready(0.4, bs) == []

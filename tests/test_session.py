@@ -282,6 +282,7 @@ def relay_swarm(n_pieces: int = 1, piece_size: int = 64, config: Optional[SwarmC
 
 RECORDS = {"partials", "outstanding_blocks", "request_times", "inflight_requests", "reservations",
            "assigned_pieces", "unassigned_pieces", "served_blocks", "avoid_lists",
+           "held_uploads", "held_pieces",
            "suspect_pieces"}
 
 

@@ -34,9 +34,10 @@ nothing of messages; the session drives it.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import random
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 from .config import SwarmConfig
 from .layout import SwarmLayout
@@ -150,23 +151,55 @@ def plan_where_uplinks_differ(config: SwarmConfig, uplinks: Iterable[float]) -> 
     return config
 
 
-def first_copy_plan(layout: SwarmLayout) -> list[int]:
+def first_copy_plan(layout: SwarmLayout,
+                    uplinks: Optional[Mapping[int, float]] = None) -> list[int]:
     """Designated first receiver of every piece (-1: none), the same at every peer.
 
-    Owner o's k-th piece goes to the (k mod (N-1) + 1)-th owner after o in
-    id order, N owners in all.  Every peer derives it from the manifests
-    alone, so it needs no message: while a piece is still only at its owner,
-    only its designee asks the owner for it.  The owner's uplink then carries
-    each of its pieces once, to distinct peers, before repeating any (the
-    effect of BitTorrent's super-seeding), and the designees spread them.
-    Each peer is designee for about one (N-1)-th of every share.
+    Without ``uplinks``: owner o's k-th piece goes to the (k mod (N-1) +
+    1)-th owner after o in id order, N owners in all.  Every peer derives it
+    from the manifests alone, so it needs no message: while a piece is still
+    only at its owner, only its designee asks the owner for it.  The owner's
+    uplink then carries each of its pieces once, to distinct peers, before
+    repeating any (the effect of BitTorrent's super-seeding), and the
+    designees spread them.  Each peer is designee for about one (N-1)-th of
+    every share.
+
+    With ``uplinks`` (peer id -> uplink bytes/s, the same mapping at every
+    peer: configured links, or measured ones relayed by the coordinator) the
+    plan is capacity-aware, as in the fluid all-gather schedule (Kumar and
+    Ross): relay j receives a share of every other owner's first copies in
+    proportion to its uplink u_j, since it must pass each on to N - 2 peers.
+    A slow owner's pieces then go first to fast relays, which spread them,
+    instead of to a slow peer whose uplink would hold them back.  Relays are
+    laid out by stride scheduling (relay j's m-th slot at (m + phase) / u_j,
+    earliest slots first, a phase per owner and relay so the owners do not
+    all start on the same relay); an owner's first pieces go to the fastest
+    relays.  Owners without a known uplink count as the median known one.
     """
     owners = layout.owners
     n = len(owners)
-    plan: list[int] = []
+    if not uplinks or n <= 2:
+        plan: list[int] = []
+        for pos, owner in enumerate(owners):
+            for k in range(len(layout.owner_range(owner))):
+                plan.append(owners[(pos + 1 + k % (n - 1)) % n] if n > 1 else -1)
+        return plan
+    known = sorted(u for o in owners if (u := uplinks.get(o, 0.0)) > 0)
+    median = known[len(known) // 2] if known else 1.0
+    weight = {o: uplinks[o] if uplinks.get(o, 0.0) > 0 else median for o in owners}
+    golden = 0.6180339887498949
+    plan = []
     for pos, owner in enumerate(owners):
-        for k in range(len(layout.owner_range(owner))):
-            plan.append(owners[(pos + 1 + k % (n - 1)) % n] if n > 1 else -1)
+        count = len(layout.owner_range(owner))
+        # next slot per relay: (time, position, relay, slots taken)
+        slots = [((0.5 + 0.5 * ((pos * n + rpos) * golden % 1.0)) / weight[relay], rpos, relay, 0)
+                 for rpos, relay in enumerate(owners) if relay != owner]
+        heapq.heapify(slots)
+        for _ in range(count):
+            at, rpos, relay, m = slots[0]
+            plan.append(relay)
+            phase = 0.5 + 0.5 * ((pos * n + rpos) * golden % 1.0)
+            heapq.heapreplace(slots, ((m + 1 + phase) / weight[relay], rpos, relay, m + 1))
     return plan
 
 
@@ -175,7 +208,7 @@ class PiecePicker:
 
     def __init__(self, layout: SwarmLayout, block_size: int, have: Sequence[bool],
                  seed: int = 0, end_game_threshold: int = 0, me: int = -1,
-                 plan: bool = True) -> None:
+                 plan: bool = True, uplinks: Optional[Mapping[int, float]] = None) -> None:
         self.layout = layout
         self.me = me
         # piece -> its owner, and its designated first receiver (-1: none; a
@@ -183,7 +216,7 @@ class PiecePicker:
         self.owner_of = [layout.owner_of(i) for i in range(layout.num_pieces)]
         self.max_piece = max((layout.piece_length(i) for i in range(layout.num_pieces)),
                              default=0)
-        self.designee = [-1 if d == me else d for d in first_copy_plan(layout)]
+        self.designee = [-1 if d == me else d for d in first_copy_plan(layout, uplinks)]
         # owner -> its pieces we lack that no connected peer but (at most)
         # the owner holds: while any is left, the owner's uplink is asked
         # only for those first copies, never for relays.

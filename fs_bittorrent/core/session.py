@@ -20,11 +20,13 @@ a ban (a ``Close`` action).
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
 import logging
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, Mapping, Optional, Union
 
 from ..errors import (BadBlockRange, BlockTooLarge, ConfigError, CreditExceeded,
                       HandshakeRefused,
@@ -78,6 +80,25 @@ class SessionStats:
     completed_at: Optional[float] = None
 
 
+def _checked_uplinks(uplinks: Optional[Mapping[int, float]],
+                     layout: SwarmLayout) -> Optional[dict[int, float]]:
+    """Validate the ``uplinks`` hint (peer id -> uplink bytes/s): ids must be
+    owners of this round's layout and rates finite and > 0.  Raises
+    ``ConfigError`` naming the entry; None or empty means no hint."""
+    if not uplinks:
+        return None
+    owners = set(layout.owners)
+    out: dict[int, float] = {}
+    for pid, rate in uplinks.items():
+        if isinstance(pid, bool) or not isinstance(pid, int) or pid not in owners:
+            raise ConfigError("uplinks", pid, "not a peer id of this round's owners")
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) \
+                or not math.isfinite(rate) or rate <= 0:
+            raise ConfigError(f"uplinks[{pid}]", rate, "must be a finite rate > 0 (bytes/s)")
+        out[pid] = float(rate)
+    return out
+
+
 class SwarmSession:
     """One peer in one round's swarm.
 
@@ -93,7 +114,9 @@ class SwarmSession:
 
     def __init__(self, peer_id: int, layout: SwarmLayout, storage: PieceStorage,
                  config: SwarmConfig = SwarmConfig(), secret: bytes = b"",
-                 now: float = 0.0, check: PieceCheck = sha256_matches) -> None:
+                 now: float = 0.0, check: PieceCheck = sha256_matches,
+                 uplinks: Optional[Mapping[int, float]] = None,
+                 paced_uploads: bool = False) -> None:
         self.peer_id = peer_id
         self.check = check
         self.layout = layout
@@ -107,6 +130,7 @@ class SwarmSession:
                               f"must hold a whole piece ({max_piece} bytes)")
         if config.block_size > config.max_block_size:
             raise ConfigError("block_size", config.block_size, "exceeds max_block_size")
+        self.uplinks = _checked_uplinks(uplinks, layout)
         n = layout.num_pieces
         have = []
         for i in range(n):
@@ -120,7 +144,8 @@ class SwarmSession:
         self.picker = PiecePicker(layout, config.block_size, have,
                                   seed=(config.seed * 1_000_003 + peer_id) & 0xFFFFFFFF,
                                   end_game_threshold=config.end_game_threshold,
-                                  me=peer_id, plan=config.first_copy_wait > 0)
+                                  me=peer_id, plan=config.first_copy_wait > 0,
+                                  uplinks=self.uplinks)
         # Upload-aware source choice (first-copy plan, slow and fast sources):
         # all of it off with first_copy_wait 0 (build_swarm and the FS runner
         # set that where the known uplinks are uniform).
@@ -168,6 +193,14 @@ class SwarmSession:
         self._block_size = config.block_size
         self._max_block = config.max_block_size
         self._max_piece = max_piece
+        # Upload pacing (see ``upload_ready``): with ``paced_uploads`` the
+        # host tells us when its uplink has room, and served requests wait
+        # here until then, so we choose what leaves next instead of a FIFO.
+        self.paced_uploads = paced_uploads
+        self._held: dict[tuple[int, int, int], tuple] = {}  # (peer, index, begin) -> heap entry
+        self._held_heap: list[tuple] = []
+        self._held_seq = 0
+        self._held_started: dict[tuple[int, int], int] = {}  # (peer, index) -> first request's number
         self._build_dispatch()
         if self.complete:
             self.stats.completed_at = now
@@ -211,6 +244,8 @@ class SwarmSession:
             "served_blocks": sum(len(p.served) for p in self.peers.values()),
             "avoid_lists": len(self.picker.avoid),
             "suspect_pieces": len(self._suspects),
+            "held_uploads": len(self._held),
+            "held_pieces": len(self._held_started),
         }
 
     def progress(self, now: float) -> dict:
@@ -282,6 +317,13 @@ class SwarmSession:
             return
         self.picker.live.discard(peer)
         self.picker.peer_gone(peer)
+        if self._held_started:
+            for key in [k for k in self._held if k[0] == peer]:
+                del self._held[key]
+            for key in [k for k in self._held_started if k[0] == peer]:
+                del self._held_started[key]
+            if not self._held:
+                self._held_heap.clear()
         p.inflight.clear()
         if p.handshaken:
             self.picker.peer_lost(i for i in range(self.layout.num_pieces) if p.has[i])
@@ -321,6 +363,10 @@ class SwarmSession:
 
         def on_cancel(p: PeerState, m: Cancel, now: float) -> list[Outgoing]:
             p.clear_served(m.index, m.begin)
+            if self._held:
+                self._drop_held(p.peer_id, m.index, (m.begin,))
+            if self._held_started and m.index not in p.served_by_piece:
+                self._held_started.pop((p.peer_id, m.index), None)  # nothing left for p
             return []
 
         def on_not_interested(p: PeerState, m: NotInterested, now: float) -> list[Outgoing]:
@@ -480,6 +526,8 @@ class SwarmSession:
         ``_on_have(p, [index])`` without building lists."""
         i = m.index
         if i in p.served_by_piece:
+            if self._held_started:
+                self._settle_held(p, i)
             p.clear_served_piece(i)  # their have settles what we served them
         if not p.set_has(i):
             return []
@@ -507,6 +555,8 @@ class SwarmSession:
                 availability[i] += 1
         for i in indices:
             # Their have settles what we served them for the piece.
+            if self._held_started:
+                self._settle_held(p, i)
             p.clear_served_piece(i)
         out: list[Outgoing] = []
         have = self.picker.have
@@ -568,6 +618,9 @@ class SwarmSession:
             log.debug("peer %s: request %s past its credit %s", p.peer_id, (index, begin),
                       p.their_credit)
             return []
+        if self.paced_uploads:
+            return self._hold(p, index, begin, length, now)
+        # (``_serve``'s body inline: this is the hot path of every uniform run)
         view = self._piece_view(index)
         p.add_served(index, begin, length, now)
         counters = p.counters
@@ -576,6 +629,99 @@ class SwarmSession:
         self.stats.bytes_up += length
         p.last_sent = now
         return [(p.peer_id, Piece(index, begin, view[begin:begin + length]))]
+
+    def _serve(self, p: PeerState, index: int, begin: int, length: int,
+               now: float) -> Outgoing:
+        """Send one accepted block (a paced session's release)."""
+        view = self._piece_view(index)
+        counters = p.counters
+        counters.blocks_out += 1
+        counters.bytes_out += length
+        self.stats.bytes_up += length
+        p.last_sent = now
+        return (p.peer_id, Piece(index, begin, view[begin:begin + length]))
+
+    # ---- paced uploads -------------------------------------------------------------
+    @property
+    def upload_waiting(self) -> bool:
+        """Served requests are waiting for room on the uplink (paced only)."""
+        return bool(self._held)
+
+    def _hold(self, p: PeerState, index: int, begin: int, length: int,
+              now: float) -> list[Outgoing]:
+        """Accept a request (it counts against the peer's credit now) and keep
+        it until ``upload_ready`` says the uplink has room.
+
+        Serving order, most urgent first (measured in docs/design.md):
+        first copies -- pieces no connected peer but us holds, which only
+        our uplink can give -- before relays; first copies to requesters
+        with faster known uplinks (``uplinks``; they pass a piece on
+        soonest), short pieces last; relays to the requester holding the
+        fewest pieces (no downlink falls behind); then the piece whose first
+        request came first, so pieces complete one after another instead of
+        all late together (a piece can be relayed only once whole); lowest
+        offset."""
+        pid = p.peer_id
+        key = (pid, index, begin)
+        if not p.add_served(index, begin, length, now) and key in self._held:
+            return []  # a repeated request: already waiting
+        self._held_seq += 1
+        started = self._held_started.setdefault((pid, index), self._held_seq)
+        ups = self.uplinks
+        if self.picker.availability[index]:
+            # a relay: the requester furthest behind first, so no downlink
+            # falls behind the round's bound
+            rank: tuple = (1, p.has_count, 0.0)
+        else:
+            # a first copy: to the fastest known uplink first (it passes the
+            # piece on soonest); a short piece last, so the tail after our
+            # final byte is as short as it can be
+            rank = (0, -ups.get(pid, 0.0) if ups else 0.0, -self._lengths[index])
+        entry = (rank, started, begin, self._held_seq, length, key)
+        self._held[key] = entry
+        heapq.heappush(self._held_heap, entry)
+        return []
+
+    def _drop_held(self, pid: int, index: int, begins: Iterable[int]) -> None:
+        """Requests of ``pid`` for ``index`` settled (its have, or a cancel)."""
+        held = self._held
+        for begin in begins:
+            held.pop((pid, index, begin), None)
+        if not held:
+            self._held_heap.clear()
+
+    def _settle_held(self, p: PeerState, index: int) -> None:
+        """``p`` holds ``index`` now (its have): nothing of it is left to send."""
+        self._drop_held(p.peer_id, index, p.served_by_piece.get(index, ()))
+        self._held_started.pop((p.peer_id, index), None)
+
+    def upload_ready(self, now: float, room: int) -> list[Outgoing]:
+        """The host's uplink can take ``room`` more bytes now: the held blocks
+        to send, most urgent first (see ``_hold``), at least one if any.
+
+        Only for a session built with ``paced_uploads=True``; the host calls
+        it whenever ``upload_waiting`` is true and its send buffer is below
+        its low-water mark (the simulator: its uplink queue; a TCP host: the
+        transport's write buffer).  A host that never paces leaves
+        ``paced_uploads`` off and every request is answered at once."""
+        out: list[Outgoing] = []
+        heap, held, peers = self._held_heap, self._held, self.peers
+        while room > 0 and heap:
+            entry = heapq.heappop(heap)
+            key = entry[-1]
+            if held.get(key) is not entry:
+                continue  # settled or re-queued since
+            del held[key]
+            pid, index, begin = key
+            p = peers.get(pid)
+            if p is None or p.am_choking or (index, begin) not in p.served:
+                continue
+            length = entry[-2]
+            out.append(self._serve(p, index, begin, length, now))
+            room -= length
+        if not held:
+            heap.clear()
+        return out
 
     def _piece_view(self, index: int) -> memoryview:
         """A held piece's bytes, from a small LRU cache of views: a piece is
@@ -795,6 +941,11 @@ class SwarmSession:
                                 fast=rate > 0.0 and 2 * rate >= self._best_rate)
             return self._send_picks(p, picks, now)
         rate = p.rate_in
+        if inflight == 0 and rate > 0.0 and self.paced_uploads \
+                and now - p.rate_since > self._stale_after():
+            # Nothing asked of p for a while: its old rate says little (it
+            # may have been serving others first), so it counts as unknown.
+            rate = 0.0
         if not picker.outstanding:
             slow, known = False, True  # nothing in flight anywhere: take what there is
             if self._idle_since is None:
@@ -848,6 +999,13 @@ class SwarmSession:
         limit = 2 * took[len(took) // 2]
         return frozenset(o for o in owners
                          if (done[o] if o in done else now) - self.started_at > limit)
+
+    def _stale_after(self) -> float:
+        """How long a source's rate stays telling once nothing is asked of
+        it: four piece-times at our fastest source's rate (measured: two
+        and eight each left one 2 MB cell of bench_hetero below 0.9)."""
+        best = self._best_rate
+        return 4 * self._max_piece / best if best > 0.0 else float("inf")
 
     def _slow(self, rate: float) -> bool:
         """Is a source delivering ``rate`` to us too slow to finish a piece
@@ -991,6 +1149,9 @@ class SwarmSession:
         self.picker.avoid.clear()
         self._suspects.clear()
         self._cache.clear()
+        self._held.clear()
+        self._held_heap.clear()
+        self._held_started.clear()
         self.closed = True
         self.close_reason = reason
         return out

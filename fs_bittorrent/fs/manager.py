@@ -298,9 +298,13 @@ class ClientManager(BitTorrentManager):
         participants = sorted({m.owner for m in manifests} | set(neighbours) | {me})
         uplinks = self.uplinks = self._round_uplinks(participants, measured)
         config = self._round_config(uplinks)
+        # Where the plan is on, the same uplinks make it capacity-aware (the
+        # session refuses ids that own nothing this round, so only owners).
+        owners = set(self.layout.owners)
+        hint = {o: r for o, r in uplinks.items() if o in owners and r > 0}
+        extra = {"uplinks": hint} if hint and config.first_copy_wait > 0 else {}
         self.session = self.session_factory(me, self.layout, storage, config,
-                                            # MERGE(i12a): add uplinks=uplinks
-                                            secret=secret, now=now)
+                                            secret=secret, now=now, **extra)
         self.started_at = now
         self.reported = self.aggregated = False
         self.timeline = [(0.0, self.session.completion())]

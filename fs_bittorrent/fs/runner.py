@@ -320,8 +320,12 @@ class BitTorrentStandaloneRunner(StandaloneRunner):
             ups = [self.links[c].up for c in receivers if c in self.links]
 
             def block_factory(me, layout, storage, config, **kw):
-                return SwarmSession(me, layout, storage,
-                                    plan_where_uplinks_differ(config, ups), **kw)
+                config = plan_where_uplinks_differ(config, ups)
+                if config.first_copy_wait > 0:
+                    # ... and the configured uplinks for a capacity-aware plan
+                    kw.setdefault("uplinks", {o: self.links[o].up for o in layout.owners
+                                              if o in self.links} or None)
+                return SwarmSession(me, layout, storage, config, **kw)
             for cid in receivers:
                 self.client[cid].bt.session_factory = block_factory
             return
@@ -329,7 +333,7 @@ class BitTorrentStandaloneRunner(StandaloneRunner):
         result = self._flow_result(round_idx, manifests, neighbours, timeout, receivers)
         self._flow_round = (round_idx, result, now)
 
-        def factory(me, layout, storage, config, secret=b"", now=now):
+        def factory(me, layout, storage, config, secret=b"", now=now, **_hints):
             return FlowSessionView(result, me, layout, self.now, offset=now)
         for cid in receivers:
             bt = self.client[cid].bt

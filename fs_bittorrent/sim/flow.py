@@ -16,9 +16,12 @@ the exchange time and drops the per-message grain:
   counted over ``c``'s neighbours, updated one latency after a piece lands,
   as a ``have`` would be).
 * **Upload-aware sources** where the uplinks differ by more than 2x (as
-  ``build_swarm`` gates them): ``PiecePicker.pick``'s first-copy plan and
+  ``build_swarm`` gates them): ``PiecePicker.pick``'s first-copy plan
+  (capacity-aware from the configured uplinks, ``first_copy_plan``) and
   source rules, sources judged by the pair's last max-min rate; sharing open
-  blocks (a block-grain rule) is not modelled.
+  blocks (a block-grain rule) and the sessions' paced serving order
+  (``SwarmSession.upload_ready``: an uplink's share goes to one piece at a
+  time, not max-min across its pairs) are not modelled.
 * **Timing: max-min fair bandwidth sharing (a fluid model).**  Every active
   pair is a flow through ``p``'s uplink and ``c``'s downlink; a pair's rate is
   also capped by what the request window allows over its round trip
@@ -194,7 +197,9 @@ class FlowSwarm:
         self.owner_row = owner_row
         self.upload_aware = plan_where_uplinks_differ(config, self.up).first_copy_wait > 0
         if self.upload_aware:
-            plan = first_copy_plan(SwarmLayout(tuple(ms)))
+            # capacity-aware, as build_swarm gives its sessions the known uplinks
+            plan = first_copy_plan(SwarmLayout(tuple(ms)), {m.owner: links[m.owner].up
+                                                            for m in ms})
             self.designee = np.asarray([self.row.get(d, -1) if d >= 0 else -1 for d in plan],
                                        dtype=np.int64)
         self.max_piece = float(self.length.max())

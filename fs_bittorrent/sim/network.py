@@ -362,6 +362,7 @@ class SimNetwork:
         self.peers: dict[int, PeerLink] = {}
         self.protocol_errors = 0
         self.on_error: Optional[Callable[[int, int, Exception], None]] = None
+        self._waking: set[int] = set()  # paced peers with a wake-up scheduled
 
     @property
     def now(self) -> float:
@@ -506,3 +507,28 @@ class SimNetwork:
             return
         if out:
             self._emit(dst, out)
+        if d.session.paced_uploads and d.session.upload_waiting:
+            self._pump(dst)
+
+    # ---- paced uploads ---------------------------------------------------------------
+    def _pump(self, pid: int) -> None:
+        """A paced session (``SwarmSession.upload_ready``) has blocks waiting:
+        give it the room its uplink has below the low-water mark (two
+        blocks queued), and wake it when the queue drains to one block, so
+        the uplink never idles and never holds more than two blocks the
+        session could still reorder."""
+        peer = self.peers[pid]
+        session, link = peer.session, peer.link
+        now, up = self.net.now, link.profile.up
+        block = session.config.block_size
+        backlog = (link.up_free - now) * up if link.up_free > now else 0.0
+        if backlog < 2 * block:
+            self._emit(pid, session.upload_ready(now, 2 * block - backlog))
+        if session.upload_waiting and pid not in self._waking:
+            self._waking.add(pid)
+            self.net.schedule(link.up_free - block / up, lambda: self._wake(pid))
+
+    def _wake(self, pid: int) -> None:
+        self._waking.discard(pid)
+        if self.peers[pid].session.upload_waiting:
+            self._pump(pid)

@@ -120,6 +120,11 @@ def build_swarm(owners: OwnerPieces, config: SwarmConfig = SwarmConfig(),
     # The links are known here: the first-copy plan only where uplinks differ.
     config = plan_where_uplinks_differ(config, [] if isinstance(profiles, LinkProfile)
                                        else [profiles[p].up for p in ids])
+    # Where the rules apply, every session also knows the configured uplinks
+    # (capacity-aware first-copy plan, serving order) and paces its uploads.
+    upload_aware = config.first_copy_wait > 0 and not isinstance(profiles, LinkProfile)
+    uplinks = {o: profiles[o].up for o in owners} if upload_aware else None
+
     net = SimNetwork(seed=seed, faults=faults, encode=encode, tick_interval=tick_interval)
     pool = ContentPool()
     check = VerifiedCopies()
@@ -138,7 +143,7 @@ def build_swarm(owners: OwnerPieces, config: SwarmConfig = SwarmConfig(),
                     storage.put(pid, k, m.piece_hashes[k], data)
         storages[pid] = storage
         profile = profiles if isinstance(profiles, LinkProfile) else profiles[pid]
-        net.add_peer(SwarmSession(pid, layout, storage, config, secret=secret, check=check),
-                     profile)
+        net.add_peer(SwarmSession(pid, layout, storage, config, secret=secret, check=check,
+                                  uplinks=uplinks, paced_uploads=upload_aware), profile)
     net.connect_all()
     return SimSwarm(layout, net, storages, owners)
