@@ -40,6 +40,7 @@ from ..net.round_dataplane import RoundDataPlane
 from ..net.tls import LocalIdentity
 from ..store.sqlite_store import SQLitePieceStore
 from . import wire
+from .control_send import OrderedSender, PersistentChannels
 from .progress import SwarmProgress
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,12 @@ async def serve_client(worker: Any, inbox: Inbox) -> None:
     log.info("client data plane listening on %s (%s)", plane.address,
              f"TLS 1.3, certificate sha256 {identity.fingerprint}" if identity else "plaintext")
     LoopSends(worker, loop)
+    # Messages to the server (manifest, progress, report, stats) leave from
+    # a thread on a kept channel: a blocking RPC on the loop stalled the
+    # uploads to every peer still fetching from this client.
+    channels = PersistentChannels(worker.comm_manager).install()
+    sender = OrderedSender(bt._send)
+    bt._send = sender
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fs-train")
     try:
         # FS's send swallows a refused RPC: a join sent before the server
@@ -246,6 +253,8 @@ async def serve_client(worker: Any, inbox: Inbox) -> None:
     finally:
         pool.shutdown(wait=True)
         bt.shutdown()
+        sender.close()
+        channels.close()
         plane.end_round()
         await plane.close()
         log.info("client %s: data plane closed (%s)", worker.ID, plane.stats)
@@ -262,10 +271,11 @@ class FanOut:
     encoding (pure Python here: about 20 ms for a ``bt_start`` of 8 clients,
     the same bytes for every receiver).  Here the message is encoded once
     (``transform`` answers every later call with that request), each
-    receiver's send (FS's own ``_send``: channel, RPC) runs in a thread of a
-    small pool, and the call returns when all are done, so FS's
-    per-receiver order of messages is kept.  Single receivers go straight
-    through."""
+    receiver's send (``comm_manager._send``: the RPC on the channel
+    :class:`~fs_bittorrent.fs.control_send.PersistentChannels` keeps for
+    that client) runs in a thread of a small pool, and the call returns when
+    all are done, so FS's per-receiver order of messages is kept.  Single
+    receivers go straight through."""
 
     def __init__(self, comm_manager: Any, send: Callable[[Any], None],
                  threads: int = 8) -> None:
@@ -301,6 +311,7 @@ async def serve_server(worker: Any, inbox: Inbox) -> None:
     between; nothing spins."""
     loop = asyncio.get_running_loop()
     inbox.attach(loop)
+    channels = PersistentChannels(worker.comm_manager).install()
     fanout = FanOut(worker.comm_manager, worker.bt.raw_send)
     worker.bt.raw_send = fanout
     progress = SwarmProgress()
@@ -322,6 +333,7 @@ async def serve_server(worker: Any, inbox: Inbox) -> None:
         worker.bt.flush_stats()
         progress.close()
         fanout.close()
+        channels.close()
 
 
 def stop_grpc(worker: Any) -> None:

@@ -1,0 +1,130 @@
+"""A distributed worker's FS messages: kept gRPC channels, sends off the loop.
+
+Real gRPC endpoints (FS's own servicer) on 127.0.0.1.  Skipped without
+FederatedScope.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent import futures
+
+import pytest
+
+pytest.importorskip("federatedscope",
+                    reason="FederatedScope is not installed: control-send tests skipped")
+
+import grpc  # noqa: E402
+from federatedscope.core.gRPC_server import gRPCComServeFunc  # noqa: E402
+from federatedscope.core.message import Message  # noqa: E402
+from federatedscope.core.proto import gRPC_comm_manager_pb2_grpc  # noqa: E402
+
+from fs_bittorrent.fs.control_send import OrderedSender, PersistentChannels  # noqa: E402
+
+pytestmark = pytest.mark.fs
+
+
+class _CommManager:
+    """What PersistentChannels reads from FS's gRPCCommManager."""
+    comp_method = grpc.Compression.NoCompression
+    _send = None
+
+
+@pytest.fixture
+def endpoint():
+    funcs = gRPCComServeFunc()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    gRPC_comm_manager_pb2_grpc.add_gRPCComServeFuncServicer_to_server(funcs, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}", funcs
+    server.stop(None).wait()
+
+
+def _msg(i: int) -> Message:
+    return Message(msg_type="bt_progress", sender=1, receiver=[0], state=i,
+                   content={"round": i, "have": 3 * i})
+
+
+def _received(funcs: gRPCComServeFunc) -> list[Message]:
+    out = []
+    for request in list(funcs.msg_queue):
+        m = Message()
+        m.parse(request.msg)
+        out.append(m)
+    return out
+
+
+def test_messages_arrive_in_order_over_one_kept_channel(endpoint):
+    address, funcs = endpoint
+    cm = _CommManager()
+    channels = PersistentChannels(cm).install()
+    assert cm._send is channels
+    for i in range(5):
+        cm._send(address, _msg(i))
+    assert channels.open_channels == 1          # one channel for all five
+    got = _received(funcs)
+    assert [m.state for m in got] == list(range(5))
+    assert [m.content["have"] for m in got] == [0, 3, 6, 9, 12]
+    channels.close()
+    assert channels.open_channels == 0
+
+
+def test_an_unreachable_address_is_logged_not_raised(endpoint, caplog):
+    address, _ = endpoint
+    with socket_closed_port() as dead:
+        channels = PersistentChannels(_CommManager())
+        channels(dead, _msg(1))                  # no exception, like FS's _send
+        channels(address, _msg(2))               # the others still work
+        channels.close()
+    assert any("not delivered" in r.message for r in caplog.records)
+
+
+class socket_closed_port:
+    """An address where nothing listens."""
+
+    def __enter__(self) -> str:
+        import socket
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        self.port = s.getsockname()[1]
+        s.close()
+        return f"127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def test_ordered_sender_returns_at_once_keeps_order_and_close_drains():
+    gate = threading.Event()
+    sent: list[int] = []
+
+    def slow_send(message: int) -> None:
+        gate.wait(5)
+        sent.append(message)
+
+    sender = OrderedSender(slow_send)
+    t0 = time.monotonic()
+    for i in range(10):
+        sender(i)
+    assert time.monotonic() - t0 < 0.5         # the caller (the event loop) never waits
+    assert sent == []
+    gate.set()
+    sender.close()                              # waits for every queued send
+    assert sent == list(range(10)) and sender.sent == 10
+
+
+def test_ordered_sender_goes_on_after_a_failing_send(caplog):
+    sent: list[int] = []
+
+    def send(message: int) -> None:
+        if message == 1:
+            raise RuntimeError("boom")
+        sent.append(message)
+
+    sender = OrderedSender(send)
+    for i in range(3):
+        sender(i)
+    sender.close()
+    assert sent == [0, 2] and sender.sent == 2
+    assert any("sending 1 failed" in r.message for r in caplog.records)
