@@ -128,3 +128,37 @@ def test_ordered_sender_goes_on_after_a_failing_send(caplog):
     sender.close()
     assert sent == [0, 2] and sender.sent == 2
     assert any("sending 1 failed" in r.message for r in caplog.records)
+
+
+def test_fan_out_serializes_once_and_reaches_every_endpoint():
+    from fs_bittorrent.fs.distributed import FanOut
+    servers, funcs = [], []
+    for _ in range(3):
+        f = gRPCComServeFunc()
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        gRPC_comm_manager_pb2_grpc.add_gRPCComServeFuncServicer_to_server(f, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append((server, port))
+        funcs.append(f)
+    cm = _CommManager()
+    cm.neighbors = {i + 1: f"127.0.0.1:{port}" for i, (_, port) in enumerate(servers)}
+    channels = PersistentChannels(cm).install()
+    fan = FanOut(cm, send=lambda m: pytest.fail("a multi-receiver message went one by one"))
+    msg = Message(msg_type="bt_start", sender=0, receiver=[1, 2, 3], state=4,
+                  content={"round": 4, "manifests": ["x" * 100] * 8})
+    built = []
+    transform = msg.transform
+    msg.transform = lambda to_list=False: built.append(1) or transform(to_list)
+    try:
+        fan(msg)
+        assert len(built) == 1                      # one request, one serialization
+        for f in funcs:
+            (got,) = _received(f)
+            assert (got.msg_type, got.state, got.content["round"]) == ("bt_start", 4, 4)
+        assert channels.open_channels == 3
+    finally:
+        fan.close()
+        channels.close()
+        for server, _ in servers:
+            server.stop(None).wait()
