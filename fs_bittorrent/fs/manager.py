@@ -43,6 +43,7 @@ from ..core.picker import plan_where_uplinks_differ
 from ..core.pieces import make_model_manifest
 from ..core.session import Close, SwarmSession
 from ..errors import BitTorrentError, HandshakeRequired
+from ..net.uplink import UplinkEstimate
 from ..sim.swarm import lower_bound, lower_bound_latency
 from . import monitoring, wire
 from .agreement import Agreement, check_agreement
@@ -151,7 +152,8 @@ class ClientManager(BitTorrentManager):
         self.timeline: list[tuple[float, float]] = []  # (seconds, completion) this round
         self.rate_in = 0.0                        # last round's download rate, bytes/s
         self.uplinks: dict[int, float] = {}       # this round's uplinks (peer -> bytes/s)
-        self.uplink = 0.0                         # this client's measured uplink, last round
+        self.uplink = 0.0                         # this client's uplink as reported
+        self.uplink_estimate = UplinkEstimate()   # windowed max of the measured rates
         self.progress = None                      # a SwarmProgress shared by the host
         self._pieces_seen = 0
         self._progress_sent = (-1, -1.0)          # (pieces, time) of the last bt_progress
@@ -550,7 +552,8 @@ class ClientManager(BitTorrentManager):
         if s.stats.bytes_down > 0 and took > 0:
             self.rate_in = s.stats.bytes_down / took
         rate = getattr(self.transport, "uplink_rate", None)
-        self.uplink = float(rate()) if rate is not None else 0.0
+        # Reported: the best of the last rounds (net/uplink.py, UplinkEstimate).
+        self.uplink = self.uplink_estimate.add(float(rate()) if rate is not None else 0.0)
 
     def shutdown(self) -> None:
         """``finish`` arrived (possibly mid-exchange): close the session and
