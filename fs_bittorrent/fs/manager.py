@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -154,6 +155,7 @@ class ClientManager(BitTorrentManager):
         self.uplinks: dict[int, float] = {}       # this round's uplinks (peer -> bytes/s)
         self.uplink = 0.0                         # this client's uplink as reported
         self.uplink_estimate = UplinkEstimate()   # windowed max of the measured rates
+        self._gc_paused = False                   # we disabled gc for this exchange
         self.progress = None                      # a SwarmProgress shared by the host
         self._pieces_seen = 0
         self._progress_sent = (-1, -1.0)          # (pieces, time) of the last bt_progress
@@ -304,6 +306,15 @@ class ClientManager(BitTorrentManager):
                                             # MERGE(i12a): add uplinks=uplinks
                                             secret=secret, now=now)
         self.started_at = now
+        if self.distributed and gc.isenabled():
+            # No cyclic garbage collection while the exchange runs: a full
+            # collection of an FS client's heap (torch, protobuf, FS objects)
+            # is a CPU burst in the middle of the round that stalls every
+            # upload of this client (measured: clients burning twice their
+            # usual CPU in the slow rounds).  Reference counting still frees
+            # what the exchange drops; the collector is back at round end.
+            gc.disable()
+            self._gc_paused = True
         self.reported = self.aggregated = False
         self.timeline = [(0.0, self.session.completion())]
         self._pieces_seen = self.session.pieces_have
@@ -504,6 +515,7 @@ class ClientManager(BitTorrentManager):
             self.order = []
         s = self.session
         now = self.now()
+        self._resume_gc()
         if self.progress is not None:
             self.progress.finish(self.round)
         if not s.closed:
@@ -555,9 +567,16 @@ class ClientManager(BitTorrentManager):
         # Reported: the best of the last rounds (net/uplink.py, UplinkEstimate).
         self.uplink = self.uplink_estimate.add(float(rate()) if rate is not None else 0.0)
 
+    def _resume_gc(self) -> None:
+        """The exchange is over: garbage collection as usual again."""
+        if self._gc_paused:
+            self._gc_paused = False
+            gc.enable()
+
     def shutdown(self) -> None:
         """``finish`` arrived (possibly mid-exchange): close the session and
         release the store; the host closes the transport."""
+        self._resume_gc()
         now = self.now() if self.scheduler is not None else 0.0
         if self.session is not None and not self.session.closed:
             self._emit(self.session.close(now, "finish"))
