@@ -87,3 +87,28 @@ def test_measured_uplinks_are_relayed_to_the_next_round_and_gate_the_plan(tmp_pa
         assert seen[(2, c)] == ({1: 1.0e7, 2: 1.1e7, 3: 1.2e7}, 0.0)    # uniform: plan off
     log = next((tmp_path / "exp").rglob("exp_print.log")).read_text()
     assert "ignoring bt_stats.uplink = nan" in log
+
+
+def test_reported_uplink_is_the_best_of_the_last_rounds_so_a_starved_round_does_not_switch_the_plan_on():
+    from fs_bittorrent.core.picker import uplinks_heterogeneous
+    from fs_bittorrent.net.uplink import UplinkEstimate
+    # Measured in shaped namespaces (MB/s): uniform 12.5 MB/s links, then a
+    # round where CPU bursts starved two clients.
+    rounds = [{1: 10.9, 2: 10.7, 3: 11.3}, {1: 9.7, 2: 2.3, 3: 9.1}, {1: 10.3, 2: 10.2, 3: 4.9}]
+    estimates = {c: UplinkEstimate(window=4) for c in rounds[0]}
+    reported = [{c: estimates[c].add(r[c] * 1e6) for c in r} for r in rounds]
+    assert uplinks_heterogeneous(rounds[1].values())          # raw: the plan would go on
+    assert not any(uplinks_heterogeneous(r.values()) for r in reported)
+    assert reported[1][2] == 10.7e6 and reported[2][3] == 11.3e6
+
+
+def test_uplink_estimate_follows_a_real_drop_after_its_window_and_ignores_nothing_measured():
+    from fs_bittorrent.net.uplink import UplinkEstimate
+    est = UplinkEstimate(window=2)
+    assert est.value == 0.0 and est.add(0.0) == 0.0 and est.add(float("nan")) == 0.0
+    assert est.add(10e6) == 10e6
+    assert est.add(0.0) == 10e6                  # a round with nothing measured changes nothing
+    assert est.add(2e6) == 10e6                  # one low round: still the best of two
+    assert est.add(2e6) == 2e6                   # the link really is slower now
+    with pytest.raises(ValueError, match="window"):
+        UplinkEstimate(window=0)

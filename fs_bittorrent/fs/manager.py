@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ from ..core.picker import plan_where_uplinks_differ
 from ..core.pieces import make_model_manifest
 from ..core.session import Close, SwarmSession
 from ..errors import BitTorrentError, HandshakeRequired
+from ..net.uplink import UplinkEstimate
 from ..sim.swarm import lower_bound, lower_bound_latency
 from . import monitoring, wire
 from .agreement import Agreement, check_agreement
@@ -151,7 +153,9 @@ class ClientManager(BitTorrentManager):
         self.timeline: list[tuple[float, float]] = []  # (seconds, completion) this round
         self.rate_in = 0.0                        # last round's download rate, bytes/s
         self.uplinks: dict[int, float] = {}       # this round's uplinks (peer -> bytes/s)
-        self.uplink = 0.0                         # this client's measured uplink, last round
+        self.uplink = 0.0                         # this client's uplink as reported
+        self.uplink_estimate = UplinkEstimate()   # windowed max of the measured rates
+        self._gc_paused = False                   # we disabled gc for this exchange
         self.progress = None                      # a SwarmProgress shared by the host
         self._pieces_seen = 0
         self._progress_sent = (-1, -1.0)          # (pieces, time) of the last bt_progress
@@ -306,6 +310,15 @@ class ClientManager(BitTorrentManager):
         self.session = self.session_factory(me, self.layout, storage, config,
                                             secret=secret, now=now, **extra)
         self.started_at = now
+        if self.distributed and gc.isenabled():
+            # No cyclic garbage collection while the exchange runs: a full
+            # collection of an FS client's heap (torch, protobuf, FS objects)
+            # is a CPU burst in the middle of the round that stalls every
+            # upload of this client (measured: clients burning twice their
+            # usual CPU in the slow rounds).  Reference counting still frees
+            # what the exchange drops; the collector is back at round end.
+            gc.disable()
+            self._gc_paused = True
         self.reported = self.aggregated = False
         self.timeline = [(0.0, self.session.completion())]
         self._pieces_seen = self.session.pieces_have
@@ -506,6 +519,7 @@ class ClientManager(BitTorrentManager):
             self.order = []
         s = self.session
         now = self.now()
+        self._resume_gc()
         if self.progress is not None:
             self.progress.finish(self.round)
         if not s.closed:
@@ -554,11 +568,19 @@ class ClientManager(BitTorrentManager):
         if s.stats.bytes_down > 0 and took > 0:
             self.rate_in = s.stats.bytes_down / took
         rate = getattr(self.transport, "uplink_rate", None)
-        self.uplink = float(rate()) if rate is not None else 0.0
+        # Reported: the best of the last rounds (net/uplink.py, UplinkEstimate).
+        self.uplink = self.uplink_estimate.add(float(rate()) if rate is not None else 0.0)
+
+    def _resume_gc(self) -> None:
+        """The exchange is over: garbage collection as usual again."""
+        if self._gc_paused:
+            self._gc_paused = False
+            gc.enable()
 
     def shutdown(self) -> None:
         """``finish`` arrived (possibly mid-exchange): close the session and
         release the store; the host closes the transport."""
+        self._resume_gc()
         now = self.now() if self.scheduler is not None else 0.0
         if self.session is not None and not self.session.closed:
             self._emit(self.session.close(now, "finish"))

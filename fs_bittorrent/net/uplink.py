@@ -27,7 +27,7 @@ import math
 import termios
 from typing import Any
 
-__all__ = ["UplinkMeter", "kernel_unsent", "MIN_BYTES", "MIN_SECONDS"]
+__all__ = ["UplinkEstimate", "UplinkMeter", "kernel_unsent", "MIN_BYTES", "MIN_SECONDS"]
 
 #: Below these a round's measurement says nothing (handshakes, a few blocks).
 MIN_BYTES = 256 * 1024
@@ -60,6 +60,39 @@ class UplinkMeter:
             return 0.0
         r = self.bytes / self.seconds
         return r if math.isfinite(r) else 0.0
+
+
+class UplinkEstimate:
+    """The uplink to report: the highest of the last ``window`` rounds'
+    measured rates (0: none measured).
+
+    Why a windowed maximum (as BBR estimates a path's bottleneck bandwidth):
+    a measured rate is a lower bound on the capacity -- a host cannot send
+    faster than its link -- and on a shared machine one round's figure can
+    fall to half or a quarter when the process is starved of CPU (measured
+    in shaped namespaces: 10-11 MB/s for the same 12.5 MB/s links, then
+    2.3-9.7 in a round with a CPU burst).  Reported as is, such a round made
+    uniform links look heterogeneous and switched the first-copy plan on
+    for the next round (and the latency rules off), which slowed that round
+    and the next measurement too.  A real drop in capacity is followed
+    after ``window`` rounds."""
+
+    def __init__(self, window: int = 4) -> None:
+        if window < 1:
+            raise ValueError(f"window: {window!r} must be >= 1")
+        self.window = window
+        self._rates: list[float] = []
+
+    def add(self, rate: float) -> float:
+        """Record one round's measured rate (0: nothing measured, not
+        recorded); returns the estimate."""
+        if rate > 0 and math.isfinite(rate):
+            self._rates = (self._rates + [float(rate)])[-self.window:]
+        return self.value
+
+    @property
+    def value(self) -> float:
+        return max(self._rates, default=0.0)
 
 
 def kernel_unsent(writer: Any) -> int:
