@@ -76,9 +76,10 @@ from typing import Optional, Sequence
 
 from ..core.codec import FrameDecoder, WireLimits, encode_handshake_frame, encode_parts
 from ..core.layout import make_auth
-from ..core.messages import Handshake
+from ..core.messages import Handshake, Piece
 from ..core.session import Close, SwarmSession
 from ..errors import BitTorrentError, HandshakeRefused
+from .pacing import kernel_not_sent, low_water_mark, poll_interval
 from .ratelog import RateLimitedWarnings
 from .tls import LocalIdentity, fingerprint, peer_certificate
 from .uplink import UplinkMeter, kernel_unsent
@@ -114,6 +115,7 @@ class HostStats:
     connections_reused: int = 0        # a later round's handshake accepted on a live connection
     stale_handshakes: int = 0          # an old round's handshake on a live connection: ignored
     late_messages: int = 0             # messages of a round that is over: dropped
+    pace_waits: int = 0                # paced: blocks left held, the uplink backlog at its mark
     bytes_in: int = 0
     bytes_out: int = 0
     errors: deque = field(default_factory=lambda: deque(maxlen=100))
@@ -124,7 +126,7 @@ class _Conn:
 
     __slots__ = ("pid", "dialer", "reader", "writer", "queue", "tasks", "closed",
                  "registered", "addr", "round", "fingerprint", "src", "pending", "stranger",
-                 "deadline", "opened")
+                 "deadline", "opened", "queued")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  pid: Optional[int], dialer: Optional[int]) -> None:
@@ -142,6 +144,7 @@ class _Conn:
         self.stranger = False               # counted against ``max_pending``
         self.deadline = float("inf")        # monotonic time its handshake must be done by
         self.opened = False                 # our opening handshake is out: later ones are framed
+        self.queued = 0                     # block bytes in ``queue`` not yet written
         try:
             self.addr = writer.get_extra_info("peername")
         except Exception:  # pragma: no cover
@@ -545,6 +548,8 @@ class PeerHost:
             log.debug("peer %s: no connection to %s; %s dropped", self.peer_id, pid,
                       type(msg).__name__)
             return
+        if type(msg) is Piece:
+            conn.queued += len(msg.block)
         conn.queue.put_nowait(msg)
 
     async def _sender_loop(self, conn: _Conn) -> None:
@@ -567,6 +572,8 @@ class PeerHost:
                             parts.extend(encode_parts(item))
                             conn.opened = True
                     else:
+                        if type(item) is Piece:
+                            conn.queued -= len(item.block)
                         parts.extend(encode_parts(item))
                     if queue.empty():
                         break
@@ -583,6 +590,16 @@ class PeerHost:
             if not conn.closed:
                 self.stats.connections_lost += 1
                 self._drop(conn, repr(exc), graceful=False)
+
+    def uplink_backlog(self) -> int:
+        """Block bytes queued for the uplink over every connection: in the
+        sender queues, the transports' buffers and the kernels' not-yet-sent
+        bytes (``pacing.kernel_not_sent``; what paced uploads wait on)."""
+        total = 0
+        for conn in self._all:
+            if not conn.closed:
+                total += conn.queued + kernel_not_sent(conn.writer)
+        return total
 
     # ---- uplink measurement ----------------------------------------------------
     def sample_uplink(self) -> None:
@@ -658,6 +675,13 @@ class DataPlanePeer(PeerHost):
         self._complete = asyncio.Event()
         self._layout_limits = WireLimits(num_pieces=session.layout.num_pieces,
                                          max_block_size=session.config.max_block_size)
+        # Paced uploads (``session.paced_uploads``, module ``pacing``): held
+        # blocks leave while the uplink-wide backlog is below a low-water
+        # mark sized from our uplink's rate (the session's ``uplinks`` hint).
+        rate = float((session.uplinks or {}).get(session.peer_id, 0.0))
+        self._pace_mark = low_water_mark(rate, session.config.block_size)
+        self._pace_poll = poll_interval(rate, self._pace_mark)
+        self._pump_handle: Optional[asyncio.TimerHandle] = None
 
     async def start(self) -> None:
         """Listen and start ticking."""
@@ -703,6 +727,9 @@ class DataPlanePeer(PeerHost):
         connections, the server and every task."""
         if not self._closed:
             self.session.close(now())
+        if self._pump_handle is not None:
+            self._pump_handle.cancel()
+            self._pump_handle = None
         await super().close()
 
     async def _tick_loop(self) -> None:
@@ -734,6 +761,25 @@ class DataPlanePeer(PeerHost):
                 self.session.peer_lost(pid, now())
                 continue
             self._enqueue(pid, msg)
+        if self._pump_handle is None and self.session.paced_uploads \
+                and self.session.upload_waiting:
+            self._pump()
+
+    def _pump(self) -> None:
+        """Paced uploads: give the session the room the uplink has below
+        the low-water mark, and look again after about half the mark's
+        drain time while blocks are still held (a timer, only while any
+        are: no busy loop, bounded by ``pacing.MIN_POLL``)."""
+        self._pump_handle = None
+        session = self.session
+        if self._closed or session.closed or not session.upload_waiting:
+            return
+        self._pump_handle = asyncio.get_running_loop().call_later(self._pace_poll, self._pump)
+        backlog = self.uplink_backlog()
+        if backlog < self._pace_mark:
+            self._route(session.upload_ready(now(), self._pace_mark - backlog))
+        if session.upload_waiting:
+            self.stats.pace_waits += 1
 
     def _check_complete(self) -> None:
         if self.session.complete and not self._complete.is_set():
