@@ -93,7 +93,7 @@ def test_uniform_links_are_not_paced():
 def test_low_water_mark_and_poll_are_bounded():
     block = 32 * 1024
     assert low_water_mark(2.5e6, block) == 2 * block          # slow: two blocks
-    assert low_water_mark(1.25e8, block) == int(1.25e8 * 0.005)  # fast: 5 ms of rate
+    assert low_water_mark(1.25e8, block) == int(1.25e8 * 0.02)   # fast: 20 ms of rate
     assert low_water_mark(0.0, block) == 4 * block            # unknown rate
     for rate in (0.0, 1e3, 2.5e6, 1e10):
         assert 0.001 <= poll_interval(rate, low_water_mark(rate, block)) <= 0.02

@@ -17,7 +17,7 @@ small queues at most a few KB per socket wait in the local qdisc; the rest
 is on the wire or queued at the *receiver's* downlink, which is not our
 uplink (counting them would throttle a fast uplink to the slowest
 receiver's pace).  The host releases blocks while that backlog is below a
-low-water mark of a few milliseconds of the uplink's rate (at least two
+low-water mark of 20 ms of the uplink's rate (at least two
 blocks), so the uplink never idles and at most about two blocks are
 committed in FIFO order that the session could still reorder -- the same
 rule as the simulator's (sim/network.py ``_pump``).
@@ -38,7 +38,7 @@ __all__ = ["SIOCOUTQNSD", "kernel_not_sent", "low_water_mark", "pace_uploads", "
 SIOCOUTQNSD = 0x894B
 
 #: Low-water mark: this much of the uplink's rate, at least MIN_BLOCKS blocks.
-MARK_SECONDS = 0.005
+MARK_SECONDS = 0.02
 MIN_BLOCKS = 2
 #: Re-check a draining backlog at most this often / at least this often.
 MIN_POLL = 0.001
