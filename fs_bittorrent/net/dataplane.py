@@ -72,7 +72,7 @@ import ssl
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from ..core.codec import FrameDecoder, WireLimits, encode_handshake_frame, encode_parts
 from ..core.layout import make_auth
@@ -195,6 +195,7 @@ class PeerHost:
         self._all: set[_Conn] = set()               # every open connection
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
+        self._pump_handle: Optional[asyncio.TimerHandle] = None   # paced uploads' timer
         # The uplink's measured rate (``uplink_rate``), from samples taken
         # by the subclass while it exchanges (``sample_uplink``).
         self.uplink = UplinkMeter()
@@ -358,6 +359,9 @@ class PeerHost:
             return
         self._closed = True
         self.alarms.close()
+        if self._pump_handle is not None:
+            self._pump_handle.cancel()
+            self._pump_handle = None
         if self._server is not None:
             self._server.close()
         for conn in list(self._all):
@@ -601,6 +605,33 @@ class PeerHost:
                 total += conn.queued + kernel_not_sent(conn.writer)
         return total
 
+    # ---- paced uploads -------------------------------------------------------------
+    def pace(self, session: SwarmSession, release: Callable[[list], None]) -> None:
+        """Paced uploads (``session.paced_uploads``; module ``pacing``):
+        call after handing the host a session's output.  While the session
+        holds blocks, they leave -- through ``release`` (the caller's own
+        route for session output) -- whenever the uplink-wide backlog
+        (``uplink_backlog``) is below the low-water mark sized from our
+        uplink's rate (the session's ``uplinks`` hint, else the measured
+        rate); a timer looks again after about half the mark's drain time,
+        and only while blocks are held (no busy loop)."""
+        if self._pump_handle is None and session.paced_uploads and session.upload_waiting:
+            self._pump(session, release)
+
+    def _pump(self, session: SwarmSession, release: Callable[[list], None]) -> None:
+        self._pump_handle = None
+        if self._closed or session.closed or not session.upload_waiting:
+            return
+        rate = float((session.uplinks or {}).get(session.peer_id, 0.0)) or self.uplink_rate()
+        mark = low_water_mark(rate, session.config.block_size)
+        self._pump_handle = asyncio.get_running_loop().call_later(
+            poll_interval(rate, mark), self._pump, session, release)
+        backlog = self.uplink_backlog()
+        if backlog < mark:
+            release(session.upload_ready(now(), mark - backlog))
+        if session.upload_waiting:
+            self.stats.pace_waits += 1
+
     # ---- uplink measurement ----------------------------------------------------
     def sample_uplink(self) -> None:
         """One sample for the uplink meter: bytes that have left this host
@@ -675,13 +706,6 @@ class DataPlanePeer(PeerHost):
         self._complete = asyncio.Event()
         self._layout_limits = WireLimits(num_pieces=session.layout.num_pieces,
                                          max_block_size=session.config.max_block_size)
-        # Paced uploads (``session.paced_uploads``, module ``pacing``): held
-        # blocks leave while the uplink-wide backlog is below a low-water
-        # mark sized from our uplink's rate (the session's ``uplinks`` hint).
-        rate = float((session.uplinks or {}).get(session.peer_id, 0.0))
-        self._pace_mark = low_water_mark(rate, session.config.block_size)
-        self._pace_poll = poll_interval(rate, self._pace_mark)
-        self._pump_handle: Optional[asyncio.TimerHandle] = None
 
     async def start(self) -> None:
         """Listen and start ticking."""
@@ -727,9 +751,6 @@ class DataPlanePeer(PeerHost):
         connections, the server and every task."""
         if not self._closed:
             self.session.close(now())
-        if self._pump_handle is not None:
-            self._pump_handle.cancel()
-            self._pump_handle = None
         await super().close()
 
     async def _tick_loop(self) -> None:
@@ -761,25 +782,7 @@ class DataPlanePeer(PeerHost):
                 self.session.peer_lost(pid, now())
                 continue
             self._enqueue(pid, msg)
-        if self._pump_handle is None and self.session.paced_uploads \
-                and self.session.upload_waiting:
-            self._pump()
-
-    def _pump(self) -> None:
-        """Paced uploads: give the session the room the uplink has below
-        the low-water mark, and look again after about half the mark's
-        drain time while blocks are still held (a timer, only while any
-        are: no busy loop, bounded by ``pacing.MIN_POLL``)."""
-        self._pump_handle = None
-        session = self.session
-        if self._closed or session.closed or not session.upload_waiting:
-            return
-        self._pump_handle = asyncio.get_running_loop().call_later(self._pace_poll, self._pump)
-        backlog = self.uplink_backlog()
-        if backlog < self._pace_mark:
-            self._route(session.upload_ready(now(), self._pace_mark - backlog))
-        if session.upload_waiting:
-            self.stats.pace_waits += 1
+        self.pace(self.session, self._route)
 
     def _check_complete(self) -> None:
         if self.session.complete and not self._complete.is_set():
