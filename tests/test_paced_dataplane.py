@@ -97,3 +97,42 @@ def test_low_water_mark_and_poll_are_bounded():
     assert low_water_mark(0.0, block) == 4 * block            # unknown rate
     for rate in (0.0, 1e3, 2.5e6, 1e10):
         assert 0.001 <= poll_interval(rate, low_water_mark(rate, block)) <= 0.02
+
+
+def test_round_data_plane_paces_two_rounds_on_the_same_connections():
+    """The distributed client's host paces as ClientManager drives it
+    (``plane.pace(session, emit)`` after each output); a new round's
+    session is pumped even while the old round's timer is pending."""
+    from dataplane_helpers import addresses, close_all, started, ticking
+    from dataplane_helpers import CFG as ROUND_CFG, PIECE as ROUND_PIECE
+
+    async def main():
+        peers = await started(4)
+        ups = {1: 1e6, 2: 1e6, 3: 1e7, 4: 1e7}
+        cfg = dataclasses.replace(ROUND_CFG, first_copy_wait=2.0)
+        try:
+            for rnd in range(2):
+                owners, blobs = random_owners({p.pid: 4 for p in peers}, ROUND_PIECE,
+                                              seed=20 + rnd, rnd=rnd)
+                for p in peers:
+                    p.begin(rnd, owners, addresses(peers), config=cfg, uplinks=ups)
+                ok = await ticking(peers, lambda: all(p.session.complete for p in peers), 10)
+                assert ok, {p.pid: p.session.progress(0) for p in peers}
+                assert await ticking(peers, lambda: all(
+                    p.session.record_counts()["held_uploads"] == 0
+                    and p.session.record_counts()["held_pieces"] == 0 for p in peers), 3)
+                for p in peers:
+                    assert p.session.paced_uploads
+                    assert p.storage.bad_puts == []
+                    for owner, (m, _) in owners.items():
+                        assert blob_from_storage(p.storage, m) == blobs[owner]
+                    p.emit(p.session.close(asyncio.get_running_loop().time(), "round end"))
+                    p.plane.end_round()
+            for p in peers:
+                assert p.plane.stats.protocol_errors == 0, list(p.plane.stats.errors)
+                assert p.plane.stats.connections_dialed == 4 - p.pid     # once per pair
+        finally:
+            await close_all(peers)
+        assert all(p.plane._pump_handle is None for p in peers)
+
+    asyncio.run(main())

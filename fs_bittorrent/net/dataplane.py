@@ -196,6 +196,7 @@ class PeerHost:
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
         self._pump_handle: Optional[asyncio.TimerHandle] = None   # paced uploads' timer
+        self._pump_session: Optional[SwarmSession] = None         # ... and its session
         # The uplink's measured rate (``uplink_rate``), from samples taken
         # by the subclass while it exchanges (``sample_uplink``).
         self.uplink = UplinkMeter()
@@ -615,13 +616,19 @@ class PeerHost:
         uplink's rate (the session's ``uplinks`` hint, else the measured
         rate); a timer looks again after about half the mark's drain time,
         and only while blocks are held (no busy loop)."""
-        if self._pump_handle is None and session.paced_uploads and session.upload_waiting:
-            self._pump(session, release)
+        if not (session.paced_uploads and session.upload_waiting):
+            return
+        if self._pump_handle is not None:
+            if self._pump_session is session:
+                return                    # the timer will look
+            self._pump_handle.cancel()    # a later round's session: pump it now
+        self._pump(session, release)
 
     def _pump(self, session: SwarmSession, release: Callable[[list], None]) -> None:
         self._pump_handle = None
         if self._closed or session.closed or not session.upload_waiting:
             return
+        self._pump_session = session
         rate = float((session.uplinks or {}).get(session.peer_id, 0.0)) or self.uplink_rate()
         mark = low_water_mark(rate, session.config.block_size)
         self._pump_handle = asyncio.get_running_loop().call_later(
