@@ -18,9 +18,10 @@ is on the wire or queued at the *receiver's* downlink, which is not our
 uplink (counting them would throttle a fast uplink to the slowest
 receiver's pace).  The host releases blocks while that backlog is below a
 low-water mark of 20 ms of the uplink's rate (at least two
-blocks), so the uplink never idles and at most about two blocks are
-committed in FIFO order that the session could still reorder -- the same
-rule as the simulator's (sim/network.py ``_pump``).
+blocks, the simulator's mark, sim/network.py ``_pump``; the 20 ms cover
+the event loop's timer slack on a loaded host), so the uplink never idles
+and at most that much is committed in FIFO order that the session could
+still reorder.
 """
 from __future__ import annotations
 
