@@ -29,6 +29,13 @@ the practical ceiling.
     python scripts/bench_allgather.py --impl all --n 8 --mb-per-rank 8 --shaped --up 100 --down 150
     python scripts/bench_allgather.py --impl gloo,fsbt --n 8 --mb-per-rank 8 --shaped \\
         --up 100 --down 150 --slow-half 20
+    # another tree side by side (e.g. main before a change), same run:
+    git archive main | tar -x -C /tmp/before
+    python scripts/bench_allgather.py --tree before=/tmp/before --impl fsbt-tls@before,fsbt-tls \\
+        --n 8 --mb-per-rank 8 --shaped --up 100 --down 150 --slow-half 20
+
+Where the configured uplinks differ (``--slow-half``), fsbt paces its
+uploads and gives its session the uplinks hint (net/pacing.pace_uploads).
 """
 from __future__ import annotations
 
