@@ -25,13 +25,11 @@ still reorder.
 """
 from __future__ import annotations
 
-import array
-import fcntl
-import termios
 from typing import Any, Iterable
 
 from ..core.config import SwarmConfig
 from ..core.picker import uplinks_heterogeneous
+from .uplink import kernel_unsent
 
 __all__ = ["SIOCOUTQNSD", "kernel_not_sent", "low_water_mark", "pace_uploads", "poll_interval"]
 
@@ -50,30 +48,7 @@ def kernel_not_sent(writer: Any) -> int:
     """Bytes written to ``writer`` still waiting to be sent: the
     transport's buffer plus the kernel's not-yet-sent bytes (unacknowledged
     bytes excluded; 0 where unknown)."""
-    if writer is None:
-        return 0
-    n = 0
-    transport = getattr(writer, "transport", None)
-    if transport is not None:
-        if transport.is_closing():
-            return 0
-        try:
-            n += transport.get_write_buffer_size()
-        except (AttributeError, RuntimeError):  # pragma: no cover
-            pass
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        try:
-            buf = array.array("i", [0])
-            fcntl.ioctl(sock.fileno(), SIOCOUTQNSD, buf, True)
-            n += buf[0]
-        except (OSError, ValueError):    # closed socket, not a TCP socket
-            try:                          # fall back: unsent plus unacknowledged
-                fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf, True)
-                n += buf[0]
-            except (OSError, ValueError):
-                pass
-    return n
+    return kernel_unsent(writer, SIOCOUTQNSD)
 
 
 def low_water_mark(rate: float, block: int) -> int:
