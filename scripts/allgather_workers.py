@@ -298,7 +298,16 @@ async def _fsbt_main(spec: dict, rank: int, io: HarnessIO) -> None:
     del blob
     # Plaintext fsbt keeps the HMAC handshake; TLS authenticates fsbt-tls.
     secret = b"" if spec["impl"] == "fsbt-tls" else spec["secret"].encode()
-    session = SwarmSession(rank, layout, storage, cfg, secret=secret, now=time.monotonic())
+    # Where the configured uplinks differ and the plan is on, as a
+    # distributed client given its rates: the uplinks hint (capacity-aware
+    # plan) and paced uploads (held in the session, released by the host
+    # when its uplink has room); uniform links: neither, as before.
+    from fs_bittorrent.net.pacing import pace_uploads
+    ups = spec.get("uplinks") or []
+    paced = pace_uploads(cfg, ups)
+    session = SwarmSession(rank, layout, storage, cfg, secret=secret, now=time.monotonic(),
+                           uplinks=dict(enumerate(ups)) if paced else None,
+                           paced_uploads=paced)
     served_by_owner = [0] * n
     if spec.get("trace"):
         # Diagnostics only (costs a little per message): which owners' bytes

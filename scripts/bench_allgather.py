@@ -29,6 +29,13 @@ the practical ceiling.
     python scripts/bench_allgather.py --impl all --n 8 --mb-per-rank 8 --shaped --up 100 --down 150
     python scripts/bench_allgather.py --impl gloo,fsbt --n 8 --mb-per-rank 8 --shaped \\
         --up 100 --down 150 --slow-half 20
+    # another tree side by side (e.g. main before a change), same run:
+    git archive main | tar -x -C /tmp/before
+    python scripts/bench_allgather.py --tree before=/tmp/before --impl fsbt-tls@before,fsbt-tls \\
+        --n 8 --mb-per-rank 8 --shaped --up 100 --down 150 --slow-half 20
+
+Where the configured uplinks differ (``--slow-half``), fsbt paces its
+uploads and gives its session the uplinks hint (net/pacing.pace_uploads).
 """
 from __future__ import annotations
 
@@ -182,29 +189,34 @@ def run_once(impl: str, hosts: Any, spec_base: dict, args: argparse.Namespace,
     n = spec_base["n"]
     run_dir = os.path.join(job_dir, f"run_{run_idx}_{impl}")
     os.makedirs(run_dir)
-    spec = dict(spec_base, impl=impl, ips=[h.ip for h in hosts], run_dir=run_dir,
+    # "fsbt@before": fsbt from another source tree (--tree before=PATH),
+    # side by side with this one in the same namespaces and run.
+    base_impl, _, tree = impl.partition("@")
+    root = args.trees[tree] if tree else ROOT
+    spec = dict(spec_base, impl=base_impl, ips=[h.ip for h in hosts], run_dir=run_dir,
                 secret=secrets.token_hex(8))
     if args.profile and impl.startswith("fsbt"):
         spec["profile_dir"] = os.path.join(job_dir, f"prof_{run_idx}")
         os.makedirs(spec["profile_dir"], exist_ok=True)
-    spec_path = os.path.join(job_dir, f"spec_{impl}_{run_idx}.json")
+    spec_path = os.path.join(job_dir, f"spec_{impl.replace('@', '_')}_{run_idx}.json")
     with open(spec_path, "w") as f:
         json.dump(spec, f)
     events: "queue.Queue" = queue.Queue()
     workers: list[_Worker] = []
     logs = []
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     try:
         for r in range(n):
             wenv = dict(env, GLOO_SOCKET_IFNAME=hosts[r].ifname)
-            lp = os.path.join(job_dir, f"log_{impl}_{run_idx}_rank{r}.txt")
+            lp = os.path.join(job_dir, f"log_{impl.replace('@', '_')}_{run_idx}_rank{r}.txt")
             logs.append(lp)
             with open(lp, "w") as errf:
-                proc = hosts.popen(r, [sys.executable, os.path.join(HERE, "allgather_workers.py"),
+                proc = hosts.popen(r, [sys.executable,
+                                       os.path.join(root, "scripts", "allgather_workers.py"),
                                        "--spec", spec_path, "--rank", str(r)],
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errf,
-                                   text=True, bufsize=1, env=wenv, cwd=ROOT)
+                                   text=True, bufsize=1, env=wenv, cwd=root)
             workers.append(_Worker(r, proc, events))
         ranks = set(range(n))
         ready: dict[int, dict] = {}
@@ -378,6 +390,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="tbf bucket (default 600 kbit: GUIDE §4's 32 kbit makes tbf split "
                          "every 64 KB GSO packet, about 3x the emulation's kernel CPU, which "
                          "starves the ranks on 2 shared cores; pass 32 for GUIDE §4's)")
+    ap.add_argument("--tree", action="append", default=[], metavar="LABEL=PATH",
+                    help="another source tree (e.g. a `git archive` of main): impl "
+                         "'fsbt@LABEL' / 'fsbt-tls@LABEL' runs fsbt from PATH in the same run")
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs per impl, interleaved across impls")
     ap.add_argument("--timeout", type=float, default=120, help="per run, s")
@@ -401,9 +416,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         signal.signal(sig, _exit_on_signal)
 
     impls = list(ALL_IMPLS) if args.impl == "all" else [s.strip() for s in args.impl.split(",")]
+    args.trees = {}
+    for kv in args.tree:
+        label, _, path = kv.partition("=")
+        if not label or not os.path.isfile(os.path.join(path, "scripts", "allgather_workers.py")):
+            ap.error(f"--tree {kv!r}: want LABEL=PATH, PATH a source tree with "
+                     f"scripts/allgather_workers.py")
+        args.trees[label] = os.path.abspath(path)
     for i in impls:
-        if i not in ALL_IMPLS:
-            ap.error(f"unknown impl {i!r}")
+        base, _, tree = i.partition("@")
+        if base not in ALL_IMPLS or (tree and (not base.startswith("fsbt")
+                                               or tree not in args.trees)):
+            ap.error(f"unknown impl {i!r} (trees: {sorted(args.trees)})")
     n = args.n
     size = int(args.mb_per_rank * MiB)
     piece = size // args.pieces if args.pieces else args.piece_kib * 1024
@@ -444,7 +468,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "log_level": "DEBUG" if args.verbose else "WARNING",
             "trace": args.trace,
         }
-        if "fsbt" in impls or "fsbt-tls" in impls:
+        if any(i.startswith("fsbt") for i in impls):
             spec_base["sha256"] = [piece_sha256(p, piece) for p in shares]
         if "libtorrent" in impls:
             spec_base["torrents"] = make_torrents(job_dir, shares, piece)

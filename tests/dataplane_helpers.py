@@ -44,7 +44,10 @@ class Peer:
         self.errors: list[str] = []
 
     def begin(self, rnd: int, owners, addresses, connect: bool = True,
-              certificates: Optional[dict] = None, config: SwarmConfig = CFG) -> None:
+              certificates: Optional[dict] = None, config: SwarmConfig = CFG,
+              uplinks: Optional[dict] = None) -> None:
+        """``uplinks``: paced uploads with that hint, as ``ClientManager``
+        builds a session where the known uplinks differ."""
         layout = SwarmLayout(tuple(m for m, _ in owners.values()), experiment="t")
         self.storage = CheckingStorage(expected_hashes(owners), ContentPool())
         if self.pid in owners:
@@ -53,7 +56,8 @@ class Peer:
                 self.storage.put(self.pid, k, m.piece_hashes[k], data)
         loop = asyncio.get_running_loop()
         self.session = SwarmSession(self.pid, layout, self.storage, config, secret=self.secret,
-                                    now=loop.time())
+                                    now=loop.time(), uplinks=uplinks,
+                                    paced_uploads=uplinks is not None)
         self.round = rnd
         self.plane.begin_round(rnd, self.session, addresses, certificates)
         if connect:
@@ -67,6 +71,8 @@ class Peer:
                 self.plane.close_peer(self.pid, dst, self.round)
             else:
                 self.plane.send_peer(self.pid, dst, self.round, msg)
+        if self.session is not None and self.session.paced_uploads:
+            self.plane.pace(self.session, self.emit)     # as ClientManager._emit
 
     # RoundHandler
     def handle_peer(self, peer: int, rnd: int, msg) -> None:

@@ -41,6 +41,7 @@ from ..core.coordinator import CompletionReport, RoundCoordinator, RoundEnd, Sta
 from ..core.layout import SwarmLayout
 from ..core.messages import Message as PeerMessage
 from ..core.picker import plan_where_uplinks_differ
+from ..net.pacing import pace_uploads
 from ..core.pieces import make_model_manifest
 from ..core.session import Close, SwarmSession
 from ..errors import BitTorrentError, HandshakeRequired
@@ -307,6 +308,11 @@ class ClientManager(BitTorrentManager):
         owners = set(self.layout.owners)
         hint = {o: r for o, r in uplinks.items() if o in owners and r > 0}
         extra = {"uplinks": hint} if hint and config.first_copy_wait > 0 else {}
+        if extra and getattr(self.transport, "pace", None) is not None \
+                and pace_uploads(config, hint.values()):
+            # A TCP host that paces (net/pacing.py): the session holds served
+            # requests and the host releases them as its uplink drains.
+            extra["paced_uploads"] = True
         self.session = self.session_factory(me, self.layout, storage, config,
                                             secret=secret, now=now, **extra)
         self.started_at = now
@@ -413,6 +419,9 @@ class ClientManager(BitTorrentManager):
                 self.transport.close_peer(self.worker.ID, dst, self.round)
             else:
                 self.transport.send_peer(self.worker.ID, dst, self.round, msg)
+        s = self.session
+        if s is not None and getattr(s, "paced_uploads", False):
+            self.transport.pace(s, self._emit)
 
     def _current(self, gen: int) -> Optional[SwarmSession]:
         """The session a timer of generation ``gen`` is for, if still open."""

@@ -72,13 +72,14 @@ import ssl
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from ..core.codec import FrameDecoder, WireLimits, encode_handshake_frame, encode_parts
 from ..core.layout import make_auth
-from ..core.messages import Handshake
+from ..core.messages import Handshake, Piece
 from ..core.session import Close, SwarmSession
 from ..errors import BitTorrentError, HandshakeRefused
+from .pacing import kernel_not_sent, low_water_mark, poll_interval
 from .ratelog import RateLimitedWarnings
 from .tls import LocalIdentity, fingerprint, peer_certificate
 from .uplink import UplinkMeter, kernel_unsent
@@ -114,6 +115,7 @@ class HostStats:
     connections_reused: int = 0        # a later round's handshake accepted on a live connection
     stale_handshakes: int = 0          # an old round's handshake on a live connection: ignored
     late_messages: int = 0             # messages of a round that is over: dropped
+    pace_waits: int = 0                # paced: blocks left held, the uplink backlog at its mark
     bytes_in: int = 0
     bytes_out: int = 0
     errors: deque = field(default_factory=lambda: deque(maxlen=100))
@@ -124,7 +126,7 @@ class _Conn:
 
     __slots__ = ("pid", "dialer", "reader", "writer", "queue", "tasks", "closed",
                  "registered", "addr", "round", "fingerprint", "src", "pending", "stranger",
-                 "deadline", "opened")
+                 "deadline", "opened", "queued")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  pid: Optional[int], dialer: Optional[int]) -> None:
@@ -142,6 +144,7 @@ class _Conn:
         self.stranger = False               # counted against ``max_pending``
         self.deadline = float("inf")        # monotonic time its handshake must be done by
         self.opened = False                 # our opening handshake is out: later ones are framed
+        self.queued = 0                     # block bytes in ``queue`` not yet written
         try:
             self.addr = writer.get_extra_info("peername")
         except Exception:  # pragma: no cover
@@ -192,6 +195,8 @@ class PeerHost:
         self._all: set[_Conn] = set()               # every open connection
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
+        self._pump_handle: Optional[asyncio.TimerHandle] = None   # paced uploads' timer
+        self._pump_session: Optional[SwarmSession] = None         # ... and its session
         # The uplink's measured rate (``uplink_rate``), from samples taken
         # by the subclass while it exchanges (``sample_uplink``).
         self.uplink = UplinkMeter()
@@ -355,6 +360,9 @@ class PeerHost:
             return
         self._closed = True
         self.alarms.close()
+        if self._pump_handle is not None:
+            self._pump_handle.cancel()
+            self._pump_handle = None
         if self._server is not None:
             self._server.close()
         for conn in list(self._all):
@@ -545,6 +553,8 @@ class PeerHost:
             log.debug("peer %s: no connection to %s; %s dropped", self.peer_id, pid,
                       type(msg).__name__)
             return
+        if type(msg) is Piece:
+            conn.queued += len(msg.block)
         conn.queue.put_nowait(msg)
 
     async def _sender_loop(self, conn: _Conn) -> None:
@@ -567,6 +577,8 @@ class PeerHost:
                             parts.extend(encode_parts(item))
                             conn.opened = True
                     else:
+                        if type(item) is Piece:
+                            conn.queued -= len(item.block)
                         parts.extend(encode_parts(item))
                     if queue.empty():
                         break
@@ -583,6 +595,49 @@ class PeerHost:
             if not conn.closed:
                 self.stats.connections_lost += 1
                 self._drop(conn, repr(exc), graceful=False)
+
+    def uplink_backlog(self) -> int:
+        """Block bytes queued for the uplink over every connection: in the
+        sender queues, the transports' buffers and the kernels' not-yet-sent
+        bytes (``pacing.kernel_not_sent``; what paced uploads wait on)."""
+        total = 0
+        for conn in self._all:
+            if not conn.closed:
+                total += conn.queued + kernel_not_sent(conn.writer)
+        return total
+
+    # ---- paced uploads -------------------------------------------------------------
+    def pace(self, session: SwarmSession, release: Callable[[list], None]) -> None:
+        """Paced uploads (``session.paced_uploads``; module ``pacing``):
+        call after handing the host a session's output.  While the session
+        holds blocks, they leave -- through ``release`` (the caller's own
+        route for session output) -- whenever the uplink-wide backlog
+        (``uplink_backlog``) is below the low-water mark sized from our
+        uplink's rate (the session's ``uplinks`` hint, else the measured
+        rate); a timer looks again after about half the mark's drain time,
+        and only while blocks are held (no busy loop)."""
+        if not (session.paced_uploads and session.upload_waiting):
+            return
+        if self._pump_handle is not None:
+            if self._pump_session is session:
+                return                    # the timer will look
+            self._pump_handle.cancel()    # a later round's session: pump it now
+        self._pump(session, release)
+
+    def _pump(self, session: SwarmSession, release: Callable[[list], None]) -> None:
+        self._pump_handle = None
+        if self._closed or session.closed or not session.upload_waiting:
+            return
+        self._pump_session = session
+        rate = float((session.uplinks or {}).get(session.peer_id, 0.0)) or self.uplink_rate()
+        mark = low_water_mark(rate, session.config.block_size)
+        self._pump_handle = asyncio.get_running_loop().call_later(
+            poll_interval(rate, mark), self._pump, session, release)
+        backlog = self.uplink_backlog()
+        if backlog < mark:
+            release(session.upload_ready(now(), mark - backlog))
+        if session.upload_waiting:
+            self.stats.pace_waits += 1
 
     # ---- uplink measurement ----------------------------------------------------
     def sample_uplink(self) -> None:
@@ -734,6 +789,7 @@ class DataPlanePeer(PeerHost):
                 self.session.peer_lost(pid, now())
                 continue
             self._enqueue(pid, msg)
+        self.pace(self.session, self._route)
 
     def _check_complete(self) -> None:
         if self.session.complete and not self._complete.is_set():

@@ -95,9 +95,14 @@ class UplinkEstimate:
         return max(self._rates, default=0.0)
 
 
-def kernel_unsent(writer: Any) -> int:
+def kernel_unsent(writer: Any, request: int = termios.TIOCOUTQ) -> int:
     """Bytes written to ``writer`` that have not left the host: the
-    transport's buffer plus the kernel's send queue (0 where unknown)."""
+    transport's buffer plus the kernel's send queue (0 where unknown).
+
+    ``request``: the ioctl that reads the kernel's part -- ``TIOCOUTQ``
+    (unsent plus unacknowledged, the default: what the meter needs), or
+    ``pacing.SIOCOUTQNSD`` (not yet sent only: what paced uploads wait on);
+    where it fails, ``TIOCOUTQ``."""
     if writer is None:
         return 0
     n = 0
@@ -109,10 +114,12 @@ def kernel_unsent(writer: Any) -> int:
             pass
     sock = writer.get_extra_info("socket")
     if sock is not None:
-        try:
-            buf = array.array("i", [0])
-            fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf, True)
+        buf = array.array("i", [0])
+        for req in (request, termios.TIOCOUTQ) if request != termios.TIOCOUTQ else (request,):
+            try:
+                fcntl.ioctl(sock.fileno(), req, buf, True)
+            except (OSError, ValueError):    # closed socket, not a TCP socket
+                continue
             n += buf[0]
-        except (OSError, ValueError):    # closed socket, not a TCP socket
-            pass
+            break
     return n
