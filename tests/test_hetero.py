@@ -296,3 +296,33 @@ def test_paced_session_holds_requests_until_the_host_has_room():
     assert [(m.index, m.begin) for _, m in out] == [(0, bs)]
     assert not s.upload_waiting and s.stats.bytes_up == 2 * bs
     assert s.upload_ready(0.4, bs) == []
+
+
+def test_paced_session_serves_a_request_that_waited_half_the_timeout_before_more_urgent_ones():
+    """The serving order never starves a requester: a relay request that
+    every first copy outranks is served once it has waited half the
+    request timeout, before the first copies that keep arriving (else its
+    requester times out again and again and drops us)."""
+    from fs_bittorrent.core.messages import Handshake, Have, Piece, Request
+    owners, _ = random_owners({1: 4, 2: 1, 3: 1}, PIECE, seed=3)
+    layout = SwarmLayout(tuple(m for m, _ in owners.values()))
+    s = SwarmSession(1, layout, _owner_storage(owners, 1), CFG, paced_uploads=True)
+    for pid in (2, 3):
+        s.handle(pid, Handshake(swarm_id=layout.swarm_id, peer_id=pid,
+                                credit=CFG.credit_bytes, auth=b"\x00" * 32), 0.0)
+    s.handle(3, Have(0), 0.0)                  # piece 0 has a copy elsewhere: a relay
+    bs, patience = CFG.block_size, CFG.request_timeout / 2
+    s.handle(2, Request(0, 0, bs), 0.1)        # the relay, outranked by every first copy
+    served: list[tuple[int, int]] = []
+    t, begin, piece = 0.1, 0, 1
+    while (2, 0) not in served and t < 0.1 + 2 * patience:
+        s.handle(3, Request(piece, begin, bs), t)   # first copies keep coming
+        begin += bs
+        if begin + bs > layout.piece_length(piece):
+            begin, piece = 0, piece % 3 + 1
+        served += [(pid, m.index) for pid, m in s.upload_ready(t, 1) if isinstance(m, Piece)]
+        t += 0.25
+    assert (2, 0) in served
+    waited = t - 0.25 - 0.1
+    assert patience <= waited < patience + 0.5, waited   # not before, not much after
+    assert all(pid == 3 for pid, _ in served[:-1])        # until then, first copies only
