@@ -57,3 +57,11 @@ def blob_from_storage(storage, manifest: Manifest) -> bytes:
     """What the storage really holds (bypassing any lying ``get`` override)."""
     getter = MemoryPieceStorage.get if isinstance(storage, MemoryPieceStorage) else type(storage).get
     return b"".join(getter(storage, manifest.owner, k) for k in range(manifest.num_pieces))
+
+
+def assert_bit_exact(storages, owners, blobs) -> None:
+    """Every storage verified every put and holds every owner's exact bytes."""
+    for pid, st in storages.items():
+        assert st.bad_puts == []
+        for owner, (m, _) in owners.items():
+            assert blob_from_storage(st, m) == blobs[owner], (pid, owner)

@@ -9,7 +9,7 @@ from fs_bittorrent.core.session import SwarmSession
 from fs_bittorrent.core.storage import ContentPool
 from fs_bittorrent.net.dataplane import DataPlanePeer, connect_mesh
 
-from swarm_helpers import (CheckingStorage, blob_from_storage, expected_hashes,
+from swarm_helpers import (CheckingStorage, assert_bit_exact, blob_from_storage, expected_hashes,
                            random_owners)
 
 PIECE = 64 * 1024
@@ -48,21 +48,28 @@ def drained(peer: DataPlanePeer) -> bool:
     return all(v == 0 for v in peer.session.record_counts().values())
 
 
+async def run_mesh(peers: dict, limit: float) -> dict:
+    """Start ``peers``, connect them all and run until each completes
+    (within ``limit`` s); then wait for the send-side ledgers to clear
+    (they do when the peer's have arrives) and return every session's
+    record counts."""
+    for p in peers.values():
+        await p.start()
+    await connect_mesh(list(peers.values()))
+    ok = await asyncio.wait_for(asyncio.gather(
+        *(p.run_until_complete(limit) for p in peers.values())), limit + 2.0)
+    assert all(ok), {pid: p.session.progress(0) for pid, p in peers.items()}
+    await wait_for(lambda: all(drained(p) for p in peers.values()), 3.0)
+    return {pid: p.session.record_counts() for pid, p in peers.items()}
+
+
 def test_four_peers_full_mesh_all_gather_bit_exact():
     owners, blobs = random_owners({i: 8 for i in range(4)}, PIECE, seed=3)
 
     async def main():
         peers, storages = make_peers(owners, range(4))
         try:
-            for p in peers.values():
-                await p.start()
-            await connect_mesh(list(peers.values()))
-            ok = await asyncio.wait_for(asyncio.gather(
-                *(p.run_until_complete(10.0) for p in peers.values())), 12.0)
-            assert all(ok), {pid: p.session.progress(0) for pid, p in peers.items()}
-            # Send-side ledgers clear when the peer's have arrives: give them time.
-            await wait_for(lambda: all(drained(p) for p in peers.values()), 3.0)
-            counts = {pid: p.session.record_counts() for pid, p in peers.items()}
+            counts = await run_mesh(peers, 10.0)
             for pid, p in peers.items():
                 assert p.connected_peers == sorted(set(range(4)) - {pid})
                 assert p.stats.protocol_errors == 0, list(p.stats.errors)
@@ -74,10 +81,7 @@ def test_four_peers_full_mesh_all_gather_bit_exact():
         finally:
             for p in peers.values():
                 await p.close()
-        for pid, st in storages.items():
-            assert st.bad_puts == []
-            for owner, (m, _) in owners.items():
-                assert blob_from_storage(st, m) == blobs[owner], (pid, owner)
+        assert_bit_exact(storages, owners, blobs)
         for pid, p in peers.items():
             assert all(v == 0 for v in p.session.record_counts().values()), pid
         return counts

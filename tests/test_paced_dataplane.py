@@ -11,11 +11,11 @@ from fs_bittorrent.core.layout import SwarmLayout
 from fs_bittorrent.core.picker import plan_where_uplinks_differ
 from fs_bittorrent.core.session import SwarmSession
 from fs_bittorrent.core.storage import ContentPool
-from fs_bittorrent.net.dataplane import DataPlanePeer, connect_mesh
+from fs_bittorrent.net.dataplane import DataPlanePeer
 from fs_bittorrent.net.pacing import low_water_mark, pace_uploads, poll_interval
 
-from swarm_helpers import CheckingStorage, blob_from_storage, expected_hashes, random_owners
-from test_dataplane import CFG, PIECE, SECRET, drained, wait_for
+from swarm_helpers import CheckingStorage, assert_bit_exact, blob_from_storage, expected_hashes, random_owners
+from test_dataplane import CFG, PIECE, SECRET, run_mesh
 
 MIXED = {0: 1e6, 1: 1e6, 2: 1e7, 3: 1e7}       # bytes/s: half the uplinks 10x slower
 UNIFORM = {pid: 1e7 for pid in range(4)}
@@ -42,14 +42,7 @@ def build(owners, uplinks):
 async def exchange(owners, blobs, uplinks):
     peers, storages = build(owners, uplinks)
     try:
-        for p in peers.values():
-            await p.start()
-        await connect_mesh(list(peers.values()))
-        ok = await asyncio.wait_for(asyncio.gather(
-            *(p.run_until_complete(15.0) for p in peers.values())), 18.0)
-        assert all(ok), {pid: p.session.progress(0) for pid, p in peers.items()}
-        await wait_for(lambda: all(drained(p) for p in peers.values()), 3.0)
-        counts = {pid: p.session.record_counts() for pid, p in peers.items()}
+        counts = await run_mesh(peers, 15.0)
         for p in peers.values():
             assert p.stats.protocol_errors == 0, list(p.stats.errors)
             assert p.session.stats.corrupt_pieces == 0
@@ -58,10 +51,7 @@ async def exchange(owners, blobs, uplinks):
     finally:
         for p in peers.values():
             await p.close()
-    for pid, st in storages.items():
-        assert st.bad_puts == []
-        for owner, (m, _) in owners.items():
-            assert blob_from_storage(st, m) == blobs[owner], (pid, owner)
+    assert_bit_exact(storages, owners, blobs)
     return peers, counts
 
 
