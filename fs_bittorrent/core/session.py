@@ -327,8 +327,7 @@ class SwarmSession:
             for key in [k for k in self._held_started if k[0] == peer]:
                 del self._held_started[key]
             if not self._held:
-                self._held_heap.clear()
-                self._held_fifo.clear()
+                self._forget_held_order()
         p.inflight.clear()
         if p.handshaken:
             self.picker.peer_lost(i for i in range(self.layout.num_pieces) if p.has[i])
@@ -694,8 +693,13 @@ class SwarmSession:
         for begin in begins:
             held.pop((pid, index, begin), None)
         if not held:
-            self._held_heap.clear()
-            self._held_fifo.clear()
+            self._forget_held_order()
+
+    def _forget_held_order(self) -> None:
+        """Nothing is held any more: the heap and the FIFO keep only stale
+        entries (both are cleaned lazily, by identity with ``_held``)."""
+        self._held_heap.clear()
+        self._held_fifo.clear()
 
     def _settle_held(self, p: PeerState, index: int) -> None:
         """``p`` holds ``index`` now (its have): nothing of it is left to send."""
@@ -738,8 +742,7 @@ class SwarmSession:
             out.append(self._serve(p, index, begin, length, now))
             room -= length
         if not held:
-            heap.clear()
-            fifo.clear()
+            self._forget_held_order()
         return out
 
     def _piece_view(self, index: int) -> memoryview:
@@ -1169,8 +1172,7 @@ class SwarmSession:
         self._suspects.clear()
         self._cache.clear()
         self._held.clear()
-        self._held_heap.clear()
-        self._held_fifo.clear()
+        self._forget_held_order()
         self._held_started.clear()
         self.closed = True
         self.close_reason = reason
