@@ -175,8 +175,9 @@ def test_control_messages_round_trip():
     assert r == 0 and m == ms[0] and addr == "" and cert == ""
     start = wire.pack_start(0, ms, {1: [2, 3], 2: [1]}, 5.0)
     assert "secret" not in start           # nothing secret crosses FS's plaintext gRPC
-    r, got, nb, timeout = wire.unpack_start(start)
-    assert got == list(ms) and nb == {1: [2, 3], 2: [1]} and timeout == 5.0
+    got = wire.unpack_start(start)
+    assert got.round == 0 and got.manifests == list(ms) and got.timeout == 5.0
+    assert got.neighbours == {1: [2, 3], 2: [1], 3: [], 4: []}   # every owner has a row
     rep = report(0)
     assert wire.unpack_report(wire.pack_report(rep)) == rep
 

@@ -359,7 +359,7 @@ def test_eavesdropper_holding_everything_sent_over_grpc_cannot_handshake():
             for p in peers:     # no private key material, in any encoding
                 assert p.identity._key_pem.decode() not in text
             start = grpc[-1]
-            got_certs = wire.unpack_certificates(start)
+            got_certs = wire.unpack_start(start).certificates
             begin_all(peers, 0, owners)
             swarm_id = p1.session.layout.swarm_id
             # 1) Its own key, claiming peer 2: refused at TLS.

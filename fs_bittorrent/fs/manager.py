@@ -274,10 +274,7 @@ class ClientManager(BitTorrentManager):
     # ---- exchange ----------------------------------------------------------------
     def on_start(self, message: Any) -> None:
         try:
-            round_idx, manifests, neighbours, timeout = wire.unpack_start(message.content)
-            addresses = wire.unpack_addresses(message.content)
-            certificates = wire.unpack_certificates(message.content)
-            measured = wire.unpack_uplinks(message.content)      # bad entries: warned, dropped
+            start = wire.unpack_start(message.content)   # bad uplinks: warned, dropped
         except BitTorrentError as exc:
             self.protocol_errors += 1
             log.error("client %s: bad %s: %s", self.worker.ID, wire.MSG_START, exc)
@@ -290,9 +287,10 @@ class ClientManager(BitTorrentManager):
         if self.session is not None and not self.session.closed:
             self.session.close(self.now(), "superseded")
         me = self.worker.ID
-        for m in manifests:
-            if m.owner != me:
-                self.store.put_manifest(m)
+        round_idx, manifests, neighbours = start.round, start.manifests, start.neighbours
+        timeout, addresses, certificates = start.timeout, start.addresses, start.certificates
+        measured = start.uplinks
+        self.store.put_manifests(m for m in manifests if m.owner != me)
         self.round = round_idx
         self.layout = SwarmLayout(tuple(manifests), experiment=experiment_name(self.worker._cfg))
         storage = self.store.holder_view(round_idx, me)

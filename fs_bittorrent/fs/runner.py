@@ -303,9 +303,11 @@ class BitTorrentStandaloneRunner(StandaloneRunner):
         """A ``bt_start`` is about to reach its clients: pick the round's level
         and, at flow level, simulate the round now."""
         try:
-            round_idx, manifests, neighbours, timeout = wire.unpack_start(msg.content)
+            start = wire.unpack_start(msg.content)
         except BitTorrentError:     # malformed: the clients refuse it themselves, and count it
             return
+        round_idx, manifests, neighbours, timeout = (start.round, start.manifests,
+                                                     start.neighbours, start.timeout)
         receivers = sorted(msg.receiver if isinstance(msg.receiver, list) else [msg.receiver])
         level = self.settings.simulation
         if level == "auto":

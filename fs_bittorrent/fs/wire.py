@@ -16,6 +16,7 @@ import base64
 import binascii
 import logging
 import math
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..core.coordinator import CompletionReport
@@ -23,6 +24,7 @@ from ..core.manifest import Manifest
 from ..core.messages import (Bitfield, Cancel, Choke, Credit, Handshake, Have, Interested,
                              KeepAlive, NotInterested, Piece, Request, Unchoke)
 from ..errors import ManifestError, ProtocolError
+from .start_table import StartPeer, decode_start_table, encode_start_table
 
 log = logging.getLogger(__name__)
 
@@ -139,17 +141,70 @@ def pack_start(round_idx: int, manifests: tuple[Manifest, ...], neighbours: dict
                certificates: Mapping[int, str] = {},
                uplinks: Mapping[int, float] = {}) -> dict:
     """Everything here is public: FS's gRPC is plaintext.  No secret.
+    ``addresses``: peer id -> data plane ``host:port``; ``certificates``:
+    peer id -> base64 DER (as the clients sent them in ``bt_manifest``);
     ``uplinks``: the participants' measured uplink rates (bytes/s) of the
-    round before, as they reported them in ``bt_stats``."""
-    out = {"round": round_idx, "manifests": [manifest_to_text(m) for m in manifests],
-           "neighbours": {str(k): list(v) for k, v in neighbours.items()},
-           "timeout": float(timeout)}
-    if addresses:   # FS's protobuf cannot carry an empty dict
-        out["addresses"] = {str(k): v for k, v in addresses.items()}
-    if certificates:
-        out["certificates"] = {str(k): v for k, v in certificates.items()}
-    if uplinks:
-        out["uplinks"] = {str(k): float(v) for k, v in uplinks.items()}
+    round before, as they reported them in ``bt_stats``.  The per-peer
+    part travels as one binary field, ``table`` (fs/start_table.py: one
+    protobuf string instead of a message per entry)."""
+    by_owner = {m.owner: m for m in manifests}
+    ids = set(by_owner) | set(neighbours) | set(addresses) | set(certificates) | set(uplinks)
+    rows = [StartPeer(peer=int(p), manifest=by_owner.get(p), address=addresses.get(p, ""),
+                      certificate=base64.b64decode(certificates[p]) if p in certificates
+                      else b"",
+                      uplink=float(uplinks.get(p, 0.0)),
+                      neighbours=tuple(int(x) for x in neighbours.get(p, ())))
+            for p in ids]
+    return {"round": round_idx, "timeout": float(timeout),
+            "table": base64.b64encode(encode_start_table(rows)).decode("ascii")}
+
+
+@dataclass(frozen=True)
+class StartMessage:
+    """A decoded ``bt_start``: the round's manifests (owner order), the
+    neighbour lists, the exchange timeout, and the data plane's table
+    (addresses, pinned certificates, last round's measured uplinks; empty
+    in standalone runs)."""
+    round: int
+    manifests: list[Manifest]
+    neighbours: dict[int, list[int]]
+    timeout: float
+    addresses: dict[int, tuple[str, int]] = field(default_factory=dict)
+    certificates: dict[int, bytes] = field(default_factory=dict)
+    uplinks: dict[int, float] = field(default_factory=dict)
+
+
+def unpack_start(content: Any) -> StartMessage:
+    """Decode a ``bt_start``.  A malformed structure, manifest, address or
+    certificate raises a ``ProtocolError`` naming the field (and peer id);
+    a bad uplink figure is dropped with a warning (one peer's garbage must
+    not stop the round)."""
+    r = _require(content, "round", int, MSG_START)
+    timeout = _require(content, "timeout", float, MSG_START)
+    text = _require(content, "table", str, MSG_START)
+    try:
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError) as exc:
+        raise ProtocolError(f"{MSG_START}.table", text[:40], f"not base64: {exc}") from None
+    rows = decode_start_table(raw)
+    out = StartMessage(round=r, timeout=timeout,
+                       manifests=[p.manifest for p in rows if p.manifest is not None],
+                       neighbours={p.peer: list(p.neighbours) for p in rows})
+    from ..net.tls import load_certificate
+    for p in rows:
+        if p.address:
+            out.addresses[p.peer] = parse_address(p.address, f"{MSG_START}.addresses[{p.peer}]")
+        if p.certificate:
+            try:
+                out.certificates[p.peer] = load_certificate(p.certificate)
+            except ValueError as exc:
+                raise ProtocolError(f"{MSG_START}.certificates[{p.peer}]",
+                                    p.certificate[:16].hex(),
+                                    f"not a DER certificate: {exc}") from None
+        if p.uplink != 0.0:
+            rate = check_uplink(p.uplink, f"{MSG_START}.uplinks[{p.peer}]")
+            if rate is not None:
+                out.uplinks[p.peer] = rate
     return out
 
 
@@ -178,71 +233,6 @@ def unpack_uplink(content: Any) -> float | None:
     if value == 0.0 and not isinstance(value, bool):
         return None                       # the client could not tell
     return check_uplink(value, f"{MSG_STATS}.uplink")
-
-
-def unpack_uplinks(content: Any) -> dict[int, float]:
-    """The relayed uplink table of a ``bt_start`` (peer id -> bytes/s);
-    bad entries are dropped with a warning, never raised."""
-    raw = content.get("uplinks", {}) if isinstance(content, Mapping) else {}
-    if not isinstance(raw, Mapping):
-        log.warning("ignoring %s.uplinks = %r: not a table", MSG_START, raw)
-        return {}
-    out = {}
-    for k, v in raw.items():
-        try:
-            pid = int(k)
-        except (TypeError, ValueError):
-            log.warning("ignoring %s.uplinks[%r]: not a client id", MSG_START, k)
-            continue
-        rate = check_uplink(v, f"{MSG_START}.uplinks[{k}]")
-        if rate is not None:
-            out[pid] = rate
-    return out
-
-
-def unpack_certificates(content: Any) -> dict[int, bytes]:
-    """The data plane certificates of a start message (peer id -> DER)."""
-    raw = content.get("certificates", {}) if isinstance(content, Mapping) else {}
-    if not isinstance(raw, Mapping):
-        raise ProtocolError(f"{MSG_START}.certificates", raw,
-                            "must map client id to a base64 certificate")
-    out = {}
-    for k, v in raw.items():
-        try:
-            pid = int(k)
-        except (TypeError, ValueError):
-            raise ProtocolError(f"{MSG_START}.certificates", k,
-                                "keys must be client ids") from None
-        out[pid] = certificate_from_text(v, f"{MSG_START}.certificates[{k}]")
-    return out
-
-
-def unpack_addresses(content: Any) -> dict[int, tuple[str, int]]:
-    """The data plane addresses of a start message (empty in standalone runs)."""
-    raw = content.get("addresses", {}) if isinstance(content, Mapping) else {}
-    if not isinstance(raw, Mapping):
-        raise ProtocolError(f"{MSG_START}.addresses", raw, "must map client id to 'host:port'")
-    out = {}
-    for k, v in raw.items():
-        try:
-            pid = int(k)
-        except (TypeError, ValueError):
-            raise ProtocolError(f"{MSG_START}.addresses", k, "keys must be client ids") from None
-        out[pid] = parse_address(v, f"{MSG_START}.addresses[{k}]")
-    return out
-
-
-def unpack_start(content: Any) -> tuple[int, list[Manifest], dict[int, list[int]], float]:
-    r = _require(content, "round", int, MSG_START)
-    texts = _require(content, "manifests", list, MSG_START)
-    manifests = [manifest_from_text(t) for t in texts]
-    raw_nb = _require(content, "neighbours", Mapping, MSG_START)
-    try:
-        neighbours = {int(k): [int(x) for x in v] for k, v in raw_nb.items()}
-    except (TypeError, ValueError) as exc:
-        raise ProtocolError(f"{MSG_START}.neighbours", raw_nb, str(exc)) from None
-    timeout = _require(content, "timeout", float, MSG_START)
-    return r, manifests, neighbours, timeout
 
 
 def pack_report(report: CompletionReport) -> dict:
