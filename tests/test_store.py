@@ -232,6 +232,24 @@ def test_manifest_api(store):
     assert row == (ms[0].digest, 2, ms[0].total_size, ms[0].sample_count)
 
 
+def test_put_manifests_stores_a_batch_all_or_nothing(store):
+    """A round start stores every other owner's manifest in one
+    transaction; a conflict anywhere in the batch stores none of it."""
+    ms = [make_owner(o, 5, 2)[0] for o in (1, 2, 3)]
+    store.put_manifest(ms[0])
+    clash = make_owner(1, 5, 2, seed=99)[0]            # owner 1 again, different content
+    fresh = make_owner(4, 5, 2)[0]
+    with pytest.raises(StoreError) as e:
+        store.put_manifests([fresh, ms[1], clash])
+    assert e.value.field == "digest"
+    assert [m.owner for m in store.manifests(5)] == [1]     # nothing of the batch landed
+    with pytest.raises(StoreError) as e:
+        store.put_manifests([fresh, make_owner(4, 5, 2, seed=7)[0]])   # twice, differently
+    assert e.value.field == "digest" and [m.owner for m in store.manifests(5)] == [1]
+    store.put_manifests(ms + [fresh, ms[2]])                 # repeats of the same: no-ops
+    assert store.manifests(5) == ms + [fresh]
+
+
 def test_duplicate_put_is_idempotent(tmp_path, writer):
     clock = [0.0]
     with SQLitePieceStore(tmp_path / "p.db", batch_size=3, writer_thread=writer,

@@ -111,7 +111,12 @@ class Manifest:
     @classmethod
     def decode(cls, data: bytes) -> "Manifest":
         from .manifest_codec import decode_manifest
-        return decode_manifest(data)
+        m = decode_manifest(data)
+        # The encoding is canonical (manifest_codec: encode(decode(b)) == b),
+        # so what was decoded is the encoding: a receiver stores and digests
+        # the bytes it got instead of encoding them again.
+        m.__dict__["_encoded"] = bytes(data)
+        return m
 
     @cached_property
     def digest(self) -> bytes:

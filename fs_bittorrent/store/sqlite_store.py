@@ -85,7 +85,7 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 from ..core.manifest import Manifest
 from ..errors import BitTorrentError, HashMismatch, StoreError
@@ -578,27 +578,47 @@ class SQLitePieceStore:
         (``StoreError("digest")``), since pieces already stored were verified
         against the first.  An invalid manifest raises ManifestError.
         """
-        if not isinstance(manifest, Manifest):
-            raise StoreError("manifest", type(manifest).__name__, "not a Manifest")
-        encoded = manifest.encode()          # validates every field (ManifestError)
-        key = (int(manifest.round), int(manifest.owner))
+        self.put_manifests([manifest])
+
+    def put_manifests(self, manifests: Iterable[Manifest]) -> None:
+        """:meth:`put_manifest` for several at once, in one transaction: a
+        client's round start stores every other owner's manifest, and one
+        commit each was most of that step's time.  All or nothing: if any
+        manifest is invalid or conflicts with a stored one (or another in
+        the batch), none is stored."""
+        batch: dict[tuple[int, int], tuple[Manifest, bytes]] = {}
+        for manifest in manifests:
+            if not isinstance(manifest, Manifest):
+                raise StoreError("manifest", type(manifest).__name__, "not a Manifest")
+            encoded = manifest.encode()          # validates every field (ManifestError)
+            key = (int(manifest.round), int(manifest.owner))
+            if key in batch and batch[key][1] != encoded:
+                raise StoreError("digest", manifest.digest.hex(),
+                                 f"round {key[0]} owner {key[1]} given twice, differently")
+            batch[key] = (manifest, encoded)
+        if not batch:
+            return
         with self._lock:
             self._check_open()
-            row = self._rconn.execute("SELECT encoded FROM bt_manifests WHERE round=? AND owner=?",
-                                      key).fetchone()
-            if row is not None:
-                if row[0] != encoded:
+            new = []
+            for key, (manifest, encoded) in batch.items():
+                row = self._rconn.execute(
+                    "SELECT encoded FROM bt_manifests WHERE round=? AND owner=?", key).fetchone()
+                if row is None:
+                    new.append((key, manifest, encoded))
+                elif row[0] != encoded:
                     raise StoreError("digest", manifest.digest.hex(),
                                      f"round {key[0]} owner {key[1]} already has a different "
                                      f"manifest")
-            else:
-                with self._wlock:
-                    self._wconn.execute(
-                        "INSERT INTO bt_manifests(round, owner, digest, sample_count, num_pieces, "
-                        "total_size, encoded) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (key[0], key[1], manifest.digest, int(manifest.sample_count),
-                         manifest.num_pieces, int(manifest.total_size), encoded))
-            self._manifests[key] = manifest
+            if new:
+                with self._wlock, _Tx(self._wconn) as conn:
+                    conn.executemany(
+                        "INSERT INTO bt_manifests(round, owner, digest, sample_count, "
+                        "num_pieces, total_size, encoded) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        [(key[0], key[1], m.digest, int(m.sample_count), m.num_pieces,
+                          int(m.total_size), encoded) for key, m, encoded in new])
+            for key, (m, _) in batch.items():
+                self._manifests[key] = m
 
     def _manifest(self, round: int, owner: int, owner_field: str) -> Manifest:
         m = self._manifests.get((round, owner))
