@@ -297,7 +297,7 @@ class FanOut:
             self.send(message)
             return
         if isinstance(self.cm._send, PersistentChannels):
-            # serialized once (pure-Python protobuf: ~30 ms a bt_start)
+            # serialized once (pure-Python protobuf, per receiver otherwise)
             payload = self.cm._send.serialize(message)
             futures = [self.pool.submit(self.cm._send.send_bytes, a, payload, message.msg_type)
                        for a in addresses]
