@@ -208,14 +208,14 @@ def test_with_the_plan_on_long_paths_requests_cover_rate_times_rtt_and_the_slow_
     for pid in sessions:
         deepest = max(most[(pid, q)] for q in sessions if q not in (pid, slow))
         assert deepest > max(fair, SwarmConfig().min_requests_per_peer), (pid, deepest)
-    # and the slow owner still uploads about one copy of its share, each
-    # piece to at most two peers, and relays nothing (at 100 ms without
-    # these rules: 1.63 copies, two of its pieces to two peers, two relays)
+    # and the slow owner still uploads about one copy of its share (at
+    # 100 ms without these rules: 1.63 copies), each of its pieces to at
+    # most two peers
     share = own[slow][0].total_size
     assert sessions[slow].stats.bytes_up <= 1.25 * share
+    mine = set(swarm.layout.owner_range(slow))
     served = by_piece(sent)
-    assert set(served) <= set(swarm.layout.owner_range(slow))
-    assert max(len(peers) for peers in served.values()) <= 2
+    assert max(len(peers) for i, peers in served.items() if i in mine) <= 2
 
 
 def test_with_the_plan_on_short_paths_the_latency_rules_stay_off():

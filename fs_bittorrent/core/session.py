@@ -157,19 +157,13 @@ class SwarmSession:
         # source; rates measured from the first block; fast sources share
         # open blocks; no choke on not-interested; end-game copies only of
         # blocks older than two of the copier's round trips.  All of them
-        # where the first-copy plan is off.  Where it is on, all but the
-        # opening apply per source, on long paths only (``_long_path``),
-        # and two more: the first window is capped at what the source's
-        # hinted uplink delivers in a round trip, and a source whose hinted
-        # uplink is below half the median is asked only for pieces nobody
-        # else holds.  The opening stays off there: the plan needs every
-        # handshake in before the first request to an owner (measured).
+        # where the first-copy plan is off.  Where it is on, the window
+        # rules (only at sources at least half as fast as the fastest
+        # hinted uplink), the kept unchoke and the end game apply per
+        # source on long paths only (``_long_path``); the opening and the
+        # rates from the first block stay off there (measured: docs/design.md).
         self._latency_rules = not self._upload_aware
-        ups = sorted(self.uplinks.values()) if self.uplinks else []
-        self._slow_uplinks = frozenset(
-            o for o, u in self.uplinks.items() if 2 * u < ups[len(ups) // 2]) \
-            if self.uplinks else frozenset()
-        self._fastest_uplink = ups[-1] if ups else 0.0
+        self._fastest_uplink = max(self.uplinks.values()) if self.uplinks else 0.0
         others = max(1, len(layout.owners) - 1)
         self._initial_window = float(max(config.min_requests_per_peer, min(
             config.max_requests_per_peer, config.credit_bytes // config.block_size // 2 // others)))
@@ -531,32 +525,21 @@ class SwarmSession:
         messages do not queue behind blocks, so this is the path's latency,
         not a queue.  On a long path (``_long_path``) the latency rules
         start its window at half the credit over the other members and
-        keep a standing queue at it (``PeerState.on_block``); its rate is
-        measured from its first block.  With an ``uplinks`` hint the first
-        window is at most what p's uplink can deliver in the round trip
-        plus ``request_queue_time`` (a deeper one only commits our pieces
-        to a slow source: half the uplinks 10x slower, 50 ms, n = 8: η
-        0.68 with the cap off, 0.82 with it), and the standing queue is
-        kept only at sources at least half as fast as the fastest.  True
-        if that deepened the window."""
-        p.path_rtt = rtt = max(now - p.handshake_sent_at, 1e-9)
-        cfg = self.config
+        keep a standing queue at it (``PeerState.on_block``), unless the
+        ``uplinks`` hint says p's uplink is below half the fastest: there
+        our blocks would wait behind the other requesters' and hold our
+        pieces at a slow source (fast quarter at 50 ms, n = 8: η 0.72 with
+        deep windows at every source, 0.80 with them at fast ones only).
+        True if that deepened the window."""
+        p.path_rtt = max(now - p.handshake_sent_at, 1e-9)
         if not self._long_path(p):
             return False
         up = self.uplinks.get(p.peer_id) if self.uplinks else None
-        # A standing queue only at a source at least half as fast as the
-        # fastest hinted uplink: at a slower one, our queued blocks wait
-        # behind the other requesters' and hold our pieces there.
-        p.standing_queue = not up or 2 * up >= self._fastest_uplink
-        if p.counters.blocks_in == 0:
-            p.rate_since = -1.0  # the rate sample starts at the first block
-        initial = self._initial_window
-        if up:
-            bdp = up * (rtt + cfg.request_queue_time) / cfg.block_size
-            if bdp < initial:
-                initial = max(float(cfg.min_requests_per_peer), bdp)
-        if p.window < initial:
-            p.window = initial
+        if up is not None and 2 * up < self._fastest_uplink:
+            return False
+        p.standing_queue = True
+        if p.window < self._initial_window:
+            p.window = self._initial_window
             return True
         return False
 
@@ -1022,11 +1005,6 @@ class SwarmSession:
             self._idle_since = None
             slow = self._slow(rate) if rate > 0.0 else pid in self._slow_owners
             known = rate > 0.0
-            if pid in self._slow_uplinks and self._long_path(p):
-                # Slow by its hinted uplink (below half the median): measured
-                # rates say little on a long path, where every source is
-                # window-limited and a paced slow owner may serve us first.
-                slow = True
         delay = cfg.end_game_delay
         if 2 * p.srtt > delay and self._long_path(p):
             delay = 2 * p.srtt  # the RTT-aware end game (see the plain branch)
