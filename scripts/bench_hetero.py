@@ -22,6 +22,11 @@ Scenarios (Mbit/s, one-way latency 5 ms unless stated):
   lognormal     uplinks lognormal(ln 100, 0.8) (median 100, seeded), downlinks 100
   asym          10 up / 100 down
   lat50, lat100 uniform 100/100 with 50 ms / 100 ms one-way latency
+  <bw>_lat50, <bw>_lat100  heterogeneous and far apart: the uplinks of the
+                bandwidth scenario <bw> (half_slow, one_slow, fast_quarter,
+                lognormal) with 50 ms / 100 ms one-way latency everywhere
+
+--tree takes a path or name=path (the name heads the table's columns).
 """
 from __future__ import annotations
 
@@ -35,8 +40,10 @@ import subprocess
 import sys
 import time
 
-SCENARIOS = ("uniform", "half_slow", "one_slow", "fast_quarter", "lognormal", "asym",
-             "lat50", "lat100")
+BANDWIDTH = ("uniform", "half_slow", "one_slow", "fast_quarter", "lognormal", "asym")
+HETERO = ("half_slow", "one_slow", "fast_quarter", "lognormal")
+COMBINED = tuple(f"{bw}_lat{ms}" for ms in (50, 100) for bw in HETERO)
+SCENARIOS = BANDWIDTH + ("lat50", "lat100") + COMBINED
 
 
 def links_mbit(scenario: str, n: int) -> list[tuple[float, float, float]]:
@@ -56,7 +63,21 @@ def links_mbit(scenario: str, n: int) -> list[tuple[float, float, float]]:
         return [(10.0, 100.0, 0.005)] * n
     if scenario in ("lat50", "lat100"):
         return [(100.0, 100.0, int(scenario[3:]) / 1000)] * n
+    if scenario in COMBINED:
+        bw, ms = scenario.rsplit("_lat", 1)
+        return [(up, down, int(ms) / 1000) for up, down, _ in links_mbit(bw, n)]
     raise SystemExit(f"unknown scenario {scenario!r}; one of {', '.join(SCENARIOS)}")
+
+
+def tree_path(tree: str) -> str:
+    """``name=path`` or a bare path: the path."""
+    return tree.split("=", 1)[1] if "=" in tree else tree
+
+
+def tree_name(tree: str) -> str:
+    """``name=path``: the name; a bare path: its last component."""
+    return tree.split("=", 1)[0] if "=" in tree else \
+        os.path.basename(os.path.abspath(tree)) or tree
 
 
 def run_cell(scenario: str, n: int, mb: float, piece: int) -> dict:
@@ -87,7 +108,7 @@ def run_cell(scenario: str, n: int, mb: float, piece: int) -> dict:
 
 
 def worker(args) -> None:
-    sys.path.insert(0, os.path.abspath(args.worker))
+    sys.path.insert(0, os.path.abspath(tree_path(args.worker)))
     for scenario in args.scenarios:
         for mb in args.mb:
             for n in args.clients:
@@ -120,18 +141,18 @@ def main() -> None:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", tree,
                "--clients", *map(str, a.clients), "--mb", *map(str, a.mb),
                "--scenarios", *a.scenarios, "--piece-kib", str(a.piece_kib)]
-        env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
+        env = dict(os.environ, PYTHONPATH=os.path.abspath(tree_path(tree)))
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
         cells = results[tree] = {}
         for line in proc.stdout:
             c = json.loads(line)
             cells[(c["scenario"], c["mb"], c["n"])] = c
-            print(f"  {os.path.basename(os.path.abspath(tree))}: {c['scenario']} "
+            print(f"  {tree_name(tree)}: {c['scenario']} "
                   f"{c['mb']:g} MB n={c['n']}: T {c['T']:.3f} eta {c['t_lb'] / c['T']:.3f} "
                   f"(wall {c['wall']:.1f} s)", file=sys.stderr, flush=True)
         if proc.wait() != 0:
             raise SystemExit(f"worker for {tree} failed")
-    names = [os.path.basename(os.path.abspath(t)) or t for t in trees]
+    names = [tree_name(t) for t in trees]
     head = "| scenario | MB | n | T_LB s | T_LB,lat s | " + " | ".join(
         f"{nm} T s | {nm} η | {nm} η_lat | {nm} slow up× | {nm} wall s" for nm in names) + " |"
     print(head)

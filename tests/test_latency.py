@@ -3,7 +3,10 @@
 Behaviour, not timings: when requests may leave after a connect, what a
 not-interested peer keeps, how deep the request window gets on a long path,
 and that end-game copies are not sent for blocks merely queued at their
-source.  Every swarm here is small and runs in well under a second.
+source.  Where the first-copy plan is on (uplinks that differ), the same
+rules act per source on long paths only: deep windows at fast sources, the
+slow owner still sending about one copy of its share, and nothing changed
+on short paths.  Every swarm here is small and runs in well under a second.
 """
 from __future__ import annotations
 
@@ -151,3 +154,74 @@ def test_latency_bound_is_below_every_measured_time_on_long_paths():
         shares = {o: m.total_size for o, (m, _) in own.items()}
         bound = lower_bound_latency(shares, {o: link for o in own})
         assert r.complete and bound <= max(r.completed_at.values())
+
+
+def _far_and_mixed(latency: float):
+    """Six owners of eight 16 KiB pieces; owner 4's uplink 20x slower; one
+    latency everywhere.  The uplinks differ, so ``build_swarm`` keeps the
+    first-copy plan, passes the uplinks hint and paces uploads."""
+    own = random_owners({i: 8 for i in range(1, 7)}, 16 * KiB, seed=6)[0]
+    fast = LinkProfile(up=2e6, down=2e6, latency=latency)
+    profiles = {i: fast for i in own}
+    profiles[4] = LinkProfile(up=fast.up / 20, down=fast.down, latency=latency)
+    config = SwarmConfig(piece_size=16 * KiB, block_size=4 * KiB)
+    return own, profiles, build_swarm(own, config, profiles, seed=6)
+
+
+def _max_in_flight(swarm) -> dict[tuple[int, int], int]:
+    """(requester, source) -> most requests it had in flight there at once
+    (sampled every 10 ms of virtual time)."""
+    net, most = swarm.network, {}
+
+    def watch() -> None:
+        for pid, sess in swarm.sessions.items():
+            for q, p in sess.peers.items():
+                most[(pid, q)] = max(most.get((pid, q), 0), len(p.inflight))
+        if not all(s.complete for s in swarm.sessions.values()):
+            net.schedule(net.now + 0.01, watch)
+    net.schedule(0.0, watch)
+    return most
+
+
+@pytest.mark.parametrize("L", [0.05, 0.1])
+def test_with_the_plan_on_long_paths_requests_cover_rate_times_rtt_and_the_slow_owner_sends_one_copy(L):
+    from test_hetero import by_piece, sent_blocks
+    slow = 4
+    own, profiles, swarm = _far_and_mixed(L)
+    most = _max_in_flight(swarm)
+    sent = sent_blocks(swarm, slow)
+    assert swarm.run(until=60).complete
+    sessions = swarm.sessions
+    for pid, sess in sessions.items():
+        for q, p in sess.peers.items():
+            # both ends measured the path from the handshakes (the accepting
+            # side from the dialer's bitfield, not from its first request,
+            # which the plan may hold back)
+            assert p.path_rtt == pytest.approx(2 * L, abs=0.005), (pid, q, p.path_rtt)
+            # a standing queue at fast sources only
+            assert p.standing_queue == (q != slow), (pid, q)
+    # each requester kept, at some fast source, at least its fair share of
+    # that source's bandwidth-delay product in flight (without these rules:
+    # 6 or 7 blocks, the first window plus slow start)
+    bdp = profiles[1].up * 2 * L / (4 * KiB)
+    fair = bdp / (len(own) - 1)
+    for pid in sessions:
+        deepest = max(most[(pid, q)] for q in sessions if q not in (pid, slow))
+        assert deepest > max(fair, SwarmConfig().min_requests_per_peer), (pid, deepest)
+    # and the slow owner still uploads about one copy of its share (at
+    # 100 ms without these rules: 1.63 copies), each of its pieces to at
+    # most two peers
+    share = own[slow][0].total_size
+    assert sessions[slow].stats.bytes_up <= 1.25 * share
+    mine = set(swarm.layout.owner_range(slow))
+    served = by_piece(sent)
+    assert max(len(peers) for i, peers in served.items() if i in mine) <= 2
+
+
+def test_with_the_plan_on_short_paths_the_latency_rules_stay_off():
+    _, _, swarm = _far_and_mixed(0.002)
+    assert swarm.run(until=60).complete
+    for sess in swarm.sessions.values():
+        for p in sess.peers.values():
+            assert 0 < p.path_rtt < sess.config.request_queue_time
+            assert not p.standing_queue

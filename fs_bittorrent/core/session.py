@@ -156,11 +156,14 @@ class SwarmSession:
         # and a standing queue of min_requests_per_peer blocks at each
         # source; rates measured from the first block; fast sources share
         # open blocks; no choke on not-interested; end-game copies only of
-        # blocks older than two of the copier's round trips.  On where the
-        # first-copy plan is off: the plan needs every handshake in before
-        # the first request to an owner, and deep windows at slow owners
-        # undo it (measured).
+        # blocks older than two of the copier's round trips.  All of them
+        # where the first-copy plan is off.  Where it is on, the window
+        # rules (only at sources at least half as fast as the fastest
+        # hinted uplink), the kept unchoke and the end game apply per
+        # source on long paths only (``_long_path``); the opening and the
+        # rates from the first block stay off there (measured: docs/design.md).
         self._latency_rules = not self._upload_aware
+        self._fastest_uplink = max(self.uplinks.values()) if self.uplinks else 0.0
         others = max(1, len(layout.owners) - 1)
         self._initial_window = float(max(config.min_requests_per_peer, min(
             config.max_requests_per_peer, config.credit_bytes // config.block_size // 2 // others)))
@@ -359,6 +362,13 @@ class SwarmSession:
         if check is not None:
             check(msg)
         p.last_recv = now
+        if p.path_rtt == 0.0 and self._upload_aware:
+            # We accepted p's dial.  Without the dialer's opening (off where
+            # the plan is on) p's first message after its handshake -- its
+            # bitfield -- answers our handshake: one path round trip.  (Its
+            # first request, which measures it under the latency rules, may
+            # come much later here: the plan holds requests back.)
+            self._path_measured(p, now)
         return act(p, msg, now)
 
     def _build_dispatch(self) -> None:
@@ -375,7 +385,7 @@ class SwarmSession:
 
         def on_not_interested(p: PeerState, m: NotInterested, now: float) -> list[Outgoing]:
             p.peer_interested = False
-            if self.config.max_upload_slots == 0 and self._latency_rules:
+            if self.config.max_upload_slots == 0 and (self._latency_rules or self._long_path(p)):
                 # Cooperative swarm: no slot to free, so the peer stays
                 # unchoked; when it wants a piece again its requests go out
                 # with its interested (no interested -> unchoke round trip).
@@ -510,20 +520,35 @@ class SwarmSession:
 
     def _path_measured(self, p: PeerState, now: float) -> bool:
         """``p``'s path round trip, from our handshake to its answer (its
-        handshake if we dialed, else its first request), is known.  Small
+        handshake if we dialed, else its first message after its handshake
+        where the plan is on, its first request elsewhere), is known.  Small
         messages do not queue behind blocks, so this is the path's latency,
-        not a queue.  On a long path (a round trip longer than the
-        ``request_queue_time`` the request window allows for queueing) the
-        latency rules start its window at half the credit over the other
-        members and keep a standing queue at it (``PeerState.on_block``).
+        not a queue.  On a long path (``_long_path``) the latency rules
+        start its window at half the credit over the other members and
+        keep a standing queue at it (``PeerState.on_block``), unless the
+        ``uplinks`` hint says p's uplink is below half the fastest: there
+        our blocks would wait behind the other requesters' and hold our
+        pieces at a slow source (fast quarter at 50 ms, n = 8: η 0.72 with
+        deep windows at every source, 0.80 with them at fast ones only).
         True if that deepened the window."""
-        p.path_rtt = rtt = max(now - p.handshake_sent_at, 1e-9)
-        if self._latency_rules and rtt >= self.config.request_queue_time:
-            p.standing_queue = True
-            if p.window < self._initial_window:
-                p.window = self._initial_window
-                return True
+        p.path_rtt = max(now - p.handshake_sent_at, 1e-9)
+        if not self._long_path(p):
+            return False
+        up = self.uplinks.get(p.peer_id) if self.uplinks else None
+        if up is not None and 2 * up < self._fastest_uplink:
+            return False
+        p.standing_queue = True
+        if p.window < self._initial_window:
+            p.window = self._initial_window
+            return True
         return False
+
+    def _long_path(self, p: PeerState) -> bool:
+        """Is ``p``'s measured path round trip at least the
+        ``request_queue_time`` the request window allows for queueing?
+        Only there do the latency rules act where the first-copy plan is
+        on, so swarms on short paths pick exactly as before them."""
+        return p.path_rtt >= self.config.request_queue_time
 
     def _on_have_one(self, p: PeerState, m: Have, now: float) -> list[Outgoing]:
         """One ``have`` (the hot path in large swarms): same effect as
@@ -980,8 +1005,11 @@ class SwarmSession:
             self._idle_since = None
             slow = self._slow(rate) if rate > 0.0 else pid in self._slow_owners
             known = rate > 0.0
+        delay = cfg.end_game_delay
+        if 2 * p.srtt > delay and self._long_path(p):
+            delay = 2 * p.srtt  # the RTT-aware end game (see the plain branch)
         picks = picker.pick(pid, p.has, room, cfg.credit_bytes - p.reserved_total,
-                            inflight <= 1, now, cfg.end_game_delay, not slow, known and not slow,
+                            inflight <= 1, now, delay, not slow, known and not slow,
                             rate > 0.0 and 2 * rate >= self._best_rate)
         return self._send_picks(p, picks, now)
 
