@@ -302,7 +302,7 @@ async def _fsbt_main(spec: dict, rank: int, io: HarnessIO) -> None:
     # distributed client given its rates: the uplinks hint (capacity-aware
     # plan) and paced uploads (held in the session, released by the host
     # when its uplink has room); uniform links: neither, as before.
-    from fs_bittorrent.net.pacing import pace_uploads
+    from fs_bittorrent.core.picker import pace_uploads
     ups = spec.get("uplinks") or []
     paced = pace_uploads(cfg, ups)
     session = SwarmSession(rank, layout, storage, cfg, secret=secret, now=time.monotonic(),

@@ -35,7 +35,7 @@ the practical ceiling.
         --n 8 --mb-per-rank 8 --shaped --up 100 --down 150 --slow-half 20
 
 Where the configured uplinks differ (``--slow-half``), fsbt paces its
-uploads and gives its session the uplinks hint (net/pacing.pace_uploads).
+uploads and gives its session the uplinks hint (core/picker.pace_uploads).
 """
 from __future__ import annotations
 

@@ -12,7 +12,8 @@ from fs_bittorrent.core.picker import plan_where_uplinks_differ
 from fs_bittorrent.core.session import SwarmSession
 from fs_bittorrent.core.storage import ContentPool
 from fs_bittorrent.net.dataplane import DataPlanePeer
-from fs_bittorrent.net.pacing import low_water_mark, pace_uploads, poll_interval
+from fs_bittorrent.core.picker import pace_uploads
+from fs_bittorrent.net.pacing import low_water_mark, poll_interval
 
 from swarm_helpers import CheckingStorage, assert_bit_exact, blob_from_storage, expected_hashes, random_owners
 from test_dataplane import CFG, PIECE, SECRET, run_mesh

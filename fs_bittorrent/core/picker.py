@@ -151,6 +151,17 @@ def plan_where_uplinks_differ(config: SwarmConfig, uplinks: Iterable[float]) -> 
     return config
 
 
+def pace_uploads(config: SwarmConfig, uplinks: Iterable[float]) -> bool:
+    """Should a host pace its uploads (``SwarmSession(..., paced_uploads=True)``
+    with the ``uplinks`` hint)?  Where the first-copy plan is on
+    (``first_copy_wait`` > 0, ``plan_where_uplinks_differ`` left it on) and
+    the known uplinks differ.  The one rule for every host: the simulator's
+    block level, the FS runner and the TCP data plane.  Uniform or unknown
+    links answer every request at once (paced uploads on equal links cost
+    more than they give: docs/benchmarks.md)."""
+    return config.first_copy_wait > 0 and uplinks_heterogeneous(list(uplinks))
+
+
 def first_copy_plan(layout: SwarmLayout,
                     uplinks: Optional[Mapping[int, float]] = None) -> list[int]:
     """Designated first receiver of every piece (-1: none), the same at every peer.

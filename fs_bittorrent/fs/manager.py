@@ -40,8 +40,7 @@ from typing import Any, Callable, Optional, Protocol
 from ..core.coordinator import CompletionReport, RoundCoordinator, RoundEnd, StartExchange
 from ..core.layout import SwarmLayout
 from ..core.messages import Message as PeerMessage
-from ..core.picker import plan_where_uplinks_differ
-from ..net.pacing import pace_uploads
+from ..core.picker import pace_uploads, plan_where_uplinks_differ
 from ..core.pieces import make_model_manifest
 from ..core.session import Close, SwarmSession
 from ..errors import BitTorrentError, HandshakeRequired

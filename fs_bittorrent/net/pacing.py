@@ -25,13 +25,11 @@ still reorder.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
 
-from ..core.config import SwarmConfig
-from ..core.picker import uplinks_heterogeneous
 from .uplink import kernel_unsent
 
-__all__ = ["SIOCOUTQNSD", "kernel_not_sent", "low_water_mark", "pace_uploads", "poll_interval"]
+__all__ = ["SIOCOUTQNSD", "kernel_not_sent", "low_water_mark", "poll_interval"]
 
 #: linux/sockios.h: bytes in a TCP socket's send queue not yet sent.
 SIOCOUTQNSD = 0x894B
@@ -64,11 +62,3 @@ def poll_interval(rate: float, mark: int) -> float:
     if rate <= 0:
         return 0.005
     return min(MAX_POLL, max(MIN_POLL, mark / 2 / rate))
-
-
-def pace_uploads(config: SwarmConfig, uplinks: Iterable[float]) -> bool:
-    """Should a TCP host pace its uploads?  Where the simulator does: the
-    first-copy plan is on (``plan_where_uplinks_differ`` left it on) and
-    the known uplinks differ; uniform or unknown links keep answering every
-    request at once, exactly as before."""
-    return config.first_copy_wait > 0 and uplinks_heterogeneous(list(uplinks))

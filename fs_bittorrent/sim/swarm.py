@@ -9,7 +9,7 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 from ..core.config import SwarmConfig
 from ..core.layout import SwarmLayout
 from ..core.manifest import Manifest
-from ..core.picker import plan_where_uplinks_differ
+from ..core.picker import pace_uploads, plan_where_uplinks_differ
 from ..core.storage import Bytes, ContentPool, MemoryPieceStorage, PieceStorage
 from ..core.session import SwarmSession
 from .network import Faults, LinkProfile, SimNetwork
@@ -117,12 +117,12 @@ def build_swarm(owners: OwnerPieces, config: SwarmConfig = SwarmConfig(),
     """
     layout = SwarmLayout(tuple(m for m, _ in owners.values()), experiment=experiment)
     ids = list(peers if peers is not None else sorted(owners))
-    # The links are known here: the first-copy plan only where uplinks differ.
-    config = plan_where_uplinks_differ(config, [] if isinstance(profiles, LinkProfile)
-                                       else [profiles[p].up for p in ids])
-    # Where the rules apply, every session also knows the configured uplinks
+    # The links are known here: the first-copy plan only where uplinks differ,
+    # and there every session also knows the configured uplinks
     # (capacity-aware first-copy plan, serving order) and paces its uploads.
-    upload_aware = config.first_copy_wait > 0 and not isinstance(profiles, LinkProfile)
+    ups = [] if isinstance(profiles, LinkProfile) else [profiles[p].up for p in ids]
+    upload_aware = pace_uploads(config, ups)
+    config = plan_where_uplinks_differ(config, ups)
     uplinks = {o: profiles[o].up for o in owners} if upload_aware else None
 
     net = SimNetwork(seed=seed, faults=faults, encode=encode, tick_interval=tick_interval)
