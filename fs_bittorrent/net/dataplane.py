@@ -643,14 +643,15 @@ class PeerHost:
     def sample_uplink(self) -> None:
         """One sample for the uplink meter: bytes that have left this host
         (written minus what the transports and the kernels still hold, the
-        latter unacknowledged included) and the backlog: those bytes plus
-        the blocks still in the sender queues (not written yet, so not in
-        ``bytes_out``)."""
-        unsent = queued = 0
+        latter unacknowledged included) and the backlog: those bytes, plus
+        one for every sender queue holding messages not written yet (not in
+        ``bytes_out``, but the uplink has work)."""
+        unsent = waiting = 0
         for conn in self._all:
             unsent += kernel_unsent(conn.writer)
-            queued += conn.queued
-        self.uplink.sample(now(), self.stats.bytes_out - unsent, unsent + queued)
+            if not conn.queue.empty():
+                waiting += 1
+        self.uplink.sample(now(), self.stats.bytes_out - unsent, unsent + waiting)
 
     def uplink_rate(self) -> float:
         """Measured uplink rate in bytes/s since the last reset (0: unknown)."""

@@ -47,8 +47,8 @@ class UplinkMeter:
 
     def sample(self, now: float, sent: int, backlog: int) -> None:
         """``sent``: the host's running count of bytes that have left it;
-        ``backlog``: bytes still waiting to leave (the uplink counts as
-        busy between two samples that both have some)."""
+        ``backlog``: bytes (or queued messages) still waiting to leave; the
+        uplink counts as busy between two samples that both have some."""
         last = self._last
         if last is not None and last[2] > 0 and backlog > 0 and now > last[0]:
             self.seconds += now - last[0]
