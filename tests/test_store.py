@@ -830,3 +830,32 @@ def test_put_refs_refuses_bad_keys_and_writes_nothing(store, keys, field):
         store.put_refs(0, 3, keys)
     assert e.value.field == field
     assert counts(store) == before and store.held_pieces(0, 3) == set()
+
+
+def test_a_piece_its_check_verified_is_not_hashed_again_by_put(store, monkeypatch):
+    """``check_piece`` is the session's check: the object it verified goes
+    into the store without a second sha256; anything else is still hashed,
+    and bad data is refused with the store unchanged."""
+    import fs_bittorrent.store.sqlite_store as sqlite_store
+    m, pieces = make_owner(1, 7, 3)
+    store.put_manifest(m)
+    calls = []
+    real = hashlib.sha256
+
+    def counting(data=b""):
+        calls.append(len(data))
+        return real(data)
+    monkeypatch.setattr(sqlite_store.hashlib, "sha256", counting)
+    data = pieces[0]
+    assert store.check_piece(m.piece_hashes[0], data)
+    store.put_piece(7, 1, 0, 2, data, m.piece_hashes[0])
+    assert len(calls) == 1 and store.get_piece(7, 1, 0, 2) == data
+    copy = bytes(bytearray(pieces[1]))
+    assert store.check_piece(m.piece_hashes[1], pieces[1])
+    store.put_piece(7, 1, 1, 2, copy, m.piece_hashes[1])          # another object: hashed
+    assert len(calls) == 3
+    bad = bytes(len(pieces[2]))
+    assert not store.check_piece(m.piece_hashes[2], bad)
+    with pytest.raises(HashMismatch) as e:
+        store.put_piece(7, 1, 2, 2, bad, m.piece_hashes[2])
+    assert e.value.field == "data" and not store.has_piece(7, 1, 2, 2)

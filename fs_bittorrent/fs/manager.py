@@ -311,6 +311,11 @@ class ClientManager(BitTorrentManager):
             # A TCP host that paces (net/pacing.py): the session holds served
             # requests and the host releases them as its uplink drains.
             extra["paced_uploads"] = True
+        check = getattr(self.store, "check_piece", None)
+        if check is not None:
+            # the store's own check: each received piece is hashed once, not
+            # again when the session puts it (store.check_piece)
+            extra["check"] = check
         self.session = self.session_factory(me, self.layout, storage, config,
                                             secret=secret, now=now, **extra)
         self.started_at = now
