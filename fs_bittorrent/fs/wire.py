@@ -118,12 +118,22 @@ def certificate_to_text(der: bytes) -> str:
 def certificate_from_text(text: Any, field: str) -> bytes:
     """Base64 text of one DER X.509 certificate -> its bytes, or a
     ``ProtocolError`` naming ``field``."""
-    from ..net.tls import load_certificate
     try:
-        return load_certificate(base64.b64decode(str(text).encode("ascii"), validate=True))
-    except (binascii.Error, UnicodeEncodeError, ValueError) as exc:
+        der = base64.b64decode(str(text).encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError) as exc:
         raise ProtocolError(field, str(text)[:40], f"not a base64 DER certificate: {exc}") \
             from None
+    return certificate_from_der(der, field)
+
+
+def certificate_from_der(der: bytes, field: str) -> bytes:
+    """One DER X.509 certificate, checked, or a ``ProtocolError`` naming
+    ``field``."""
+    from ..net.tls import load_certificate
+    try:
+        return load_certificate(der)
+    except ValueError as exc:
+        raise ProtocolError(field, der[:16].hex(), f"not a DER certificate: {exc}") from None
 
 
 def parse_address(text: Any, field: str) -> tuple[str, int]:
@@ -190,17 +200,12 @@ def unpack_start(content: Any) -> StartMessage:
     out = StartMessage(round=r, timeout=timeout,
                        manifests=[p.manifest for p in rows if p.manifest is not None],
                        neighbours={p.peer: list(p.neighbours) for p in rows})
-    from ..net.tls import load_certificate
     for p in rows:
         if p.address:
             out.addresses[p.peer] = parse_address(p.address, f"{MSG_START}.addresses[{p.peer}]")
         if p.certificate:
-            try:
-                out.certificates[p.peer] = load_certificate(p.certificate)
-            except ValueError as exc:
-                raise ProtocolError(f"{MSG_START}.certificates[{p.peer}]",
-                                    p.certificate[:16].hex(),
-                                    f"not a DER certificate: {exc}") from None
+            out.certificates[p.peer] = certificate_from_der(
+                p.certificate, f"{MSG_START}.certificates[{p.peer}]")
         if p.uplink != 0.0:
             rate = check_uplink(p.uplink, f"{MSG_START}.uplinks[{p.peer}]")
             if rate is not None:
