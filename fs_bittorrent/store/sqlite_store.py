@@ -802,9 +802,10 @@ class SQLitePieceStore:
         that this store trusts: hash ``data``; if it matches, remember that
         very object as verified, so the ``put`` of it that follows does not
         hash it again.  (A client hashed every piece it received twice, once
-        to verify it and once in ``put``: about 60 ms of CPU a round per
-        client for FS's CNN, on a host where eight clients share two cores.)
-        ``put`` still hashes anything else -- a copy, a different object.
+        to verify it and once in ``put``: for FS's CNN its peer-message
+        handling took 37 ms of CPU a round with the second hash, 27 without;
+        docs/benchmarks.md.)  ``put`` still hashes anything else -- a copy,
+        a different object.
         """
         if hashlib.sha256(data).digest() != sha256:
             return False
@@ -1048,10 +1049,10 @@ class HolderView:
 
     ``put`` verifies against the manifest (hash and size) like
     :meth:`SQLitePieceStore.put_piece` -- without hashing again the very
-    object :meth:`SQLitePieceStore.check_piece` just verified.  The view keeps the last
-    ``cache_pieces`` pieces it read or stored: a session serves one piece as
-    many 16 KiB blocks, and a piece just received is the one neighbours ask
-    for next.  Pieces are immutable (content addressed), so the cache is
+    object :meth:`SQLitePieceStore.check_piece` just verified.  The view
+    keeps the last ``cache_pieces`` pieces it read or stored: a session
+    serves one piece as many 16 KiB blocks, and a piece just received is the
+    one neighbours ask for next.  Pieces are immutable (content addressed), so the cache is
     only invalidated by :meth:`SQLitePieceStore.cleanup` (``generation``).
     """
 
