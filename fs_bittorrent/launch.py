@@ -128,6 +128,9 @@ def run(parts: list[Participant], timeout: float = 600.0, client_delay: float = 
     ``bittorrent.faults.crash_clients``) does not stop the others."""
     t0 = time.monotonic()
     timed_out = False
+    server = next((p for p in parts if p.role == "server"), None)
+    # rows an earlier run left in the same outdir are not this run's
+    before = rounds_seen(server.outdir) if server is not None else {}
     try:
         start(parts, client_delay, env)
         deadline = t0 + timeout
@@ -153,9 +156,8 @@ def run(parts: list[Participant], timeout: float = 600.0, client_delay: float = 
     finally:
         stop_all(parts)
     result = LaunchResult(parts, time.monotonic() - t0, timed_out)
-    server = next((p for p in parts if p.role == "server"), None)
     if server is not None:
-        result.rounds = read_rounds(server.outdir)
+        result.rounds = read_rounds(server.outdir, skip=before)
     return result
 
 
@@ -187,13 +189,27 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def read_rounds(outdir: Path) -> list[dict]:
+def rounds_seen(outdir: Path) -> dict[Path, int]:
+    """How many lines each ``bittorrent_rounds.jsonl`` under ``outdir`` has
+    now: what :func:`read_rounds` must skip to see only a later run's."""
+    counts = {}
+    for path in Path(outdir).rglob("bittorrent_rounds.jsonl"):
+        with open(path) as f:
+            counts[path] = sum(1 for line in f if line.strip())
+    return counts
+
+
+def read_rounds(outdir: Path, skip: Optional[dict[Path, int]] = None) -> list[dict]:
     """Every ``bittorrent_rounds.jsonl`` line under ``outdir`` (FS may add
-    a sub-directory per experiment)."""
+    a sub-directory per experiment), but the first ``skip[path]`` lines of
+    each file: those an earlier run wrote into the same outdir (FS then
+    makes a new sub-directory, or the file is appended to)."""
+    skip = skip or {}
     rows = []
     for path in sorted(Path(outdir).rglob("bittorrent_rounds.jsonl")):
         with open(path) as f:
-            rows.extend(json.loads(line) for line in f if line.strip())
+            lines = [line for line in f if line.strip()]
+        rows.extend(json.loads(line) for line in lines[skip.get(path, 0):])
     return rows
 
 
