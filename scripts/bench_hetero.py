@@ -80,7 +80,7 @@ def tree_name(tree: str) -> str:
         os.path.basename(os.path.abspath(tree)) or tree
 
 
-def run_cell(scenario: str, n: int, mb: float, piece: int) -> dict:
+def run_cell(scenario: str, n: int, mb: float, piece: int, kept: bool = False) -> dict:
     """One round in this process (whatever tree is first on sys.path)."""
     from fs_bittorrent.core.config import SwarmConfig
     from fs_bittorrent.sim import swarm as sim_swarm
@@ -97,7 +97,9 @@ def run_cell(scenario: str, n: int, mb: float, piece: int) -> dict:
     t_lb = sim_swarm.lower_bound(shares, profiles)
     t_lat = sim_swarm.lower_bound_latency(shares, profiles) \
         if hasattr(sim_swarm, "lower_bound_latency") else None
-    swarm = sim_swarm.build_swarm(owners, SwarmConfig(piece_size=piece), profiles, seed=0)
+    extra = {"kept_connections": True} if kept else {}
+    swarm = sim_swarm.build_swarm(owners, SwarmConfig(piece_size=piece), profiles, seed=0,
+                                  **extra)
     t0 = time.perf_counter()
     r = swarm.run(until=36000)
     wall = time.perf_counter() - t0
@@ -112,7 +114,7 @@ def worker(args) -> None:
     for scenario in args.scenarios:
         for mb in args.mb:
             for n in args.clients:
-                cell = run_cell(scenario, n, mb, args.piece_kib * 1024)
+                cell = run_cell(scenario, n, mb, args.piece_kib * 1024, args.kept)
                 cell.update(scenario=scenario, n=n, mb=mb)
                 print(json.dumps(cell), flush=True)
 
@@ -125,6 +127,9 @@ def main() -> None:
     ap.add_argument("--mb", type=float, nargs="+", default=[2.0])
     ap.add_argument("--scenarios", nargs="+", default=list(SCENARIOS))
     ap.add_argument("--piece-kib", type=int, default=256)
+    ap.add_argument("--kept", action="store_true",
+                    help="a round on connections kept from the last one (FS distributed "
+                         "mode from round 1): both ends open each with its round trip known")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     for s in a.scenarios:
@@ -140,7 +145,8 @@ def main() -> None:
     for tree in trees:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", tree,
                "--clients", *map(str, a.clients), "--mb", *map(str, a.mb),
-               "--scenarios", *a.scenarios, "--piece-kib", str(a.piece_kib)]
+               "--scenarios", *a.scenarios, "--piece-kib", str(a.piece_kib)] + \
+            (["--kept"] if a.kept else [])
         env = dict(os.environ, PYTHONPATH=os.path.abspath(tree_path(tree)))
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
         cells = results[tree] = {}

@@ -14,6 +14,7 @@ from fs_bittorrent.core.faults import Faults
 from fs_bittorrent.core.layout import SwarmLayout
 from fs_bittorrent.core.session import Close, SwarmSession
 from fs_bittorrent.core.storage import ContentPool
+from fs_bittorrent.core.topology import openings
 from fs_bittorrent.errors import BitTorrentError
 from fs_bittorrent.net.round_dataplane import RoundDataPlane
 from fs_bittorrent.net.tls import LocalIdentity
@@ -48,6 +49,7 @@ class Peer:
               uplinks: Optional[dict] = None) -> None:
         """``uplinks``: paced uploads with that hint, as ``ClientManager``
         builds a session where the known uplinks differ."""
+        last_rtts = self.session.path_rtts() if self.session is not None else {}
         layout = SwarmLayout(tuple(m for m, _ in owners.values()), experiment="t")
         self.storage = CheckingStorage(expected_hashes(owners), ContentPool())
         if self.pid in owners:
@@ -60,10 +62,9 @@ class Peer:
                                     paced_uploads=uplinks is not None)
         self.round = rnd
         self.plane.begin_round(rnd, self.session, addresses, certificates)
-        if connect:
-            for q in sorted(addresses):
-                if q > self.pid:
-                    self.emit(self.session.connect(q, loop.time()))
+        if connect:   # as ClientManager.on_start: kept connections from both ends
+            for q, rtt in openings(self.pid, addresses, self.plane.kept_peers(), last_rtts):
+                self.emit(self.session.connect(q, loop.time(), path_rtt=rtt))
 
     def emit(self, out) -> None:
         for dst, msg in out:

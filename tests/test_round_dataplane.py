@@ -85,6 +85,70 @@ def test_handshake_for_a_round_not_begun_is_parked_then_served():
     asyncio.run(main())
 
 
+def test_both_ends_open_a_kept_connection_and_the_first_crossing_carries_blocks():
+    """From round 1 the higher id sends its handshake on the kept connection
+    without waiting for the lower id's (which parks it until it begins), and
+    in a cooperative swarm (no first-copy plan) its requests follow: the
+    lower id's first answers are blocks.  Rounds stay bit-exact on the same
+    sockets, and the higher id never dials.  (Both ends open only long
+    paths: a request_queue_time of 1 µs makes loopback's one.)"""
+    coop = dataclasses.replace(CFG, first_copy_wait=0.0, request_queue_time=1e-6)
+
+    async def main():
+        a, b = await started(2)
+        try:
+            owners, _ = random_owners({1: 3, 2: 3}, PIECE, seed=3, rnd=0)
+            for p in (a, b):
+                p.begin(0, owners, addresses([a, b]), config=coop)
+            assert await ticking([a, b], lambda: a.session.complete and b.session.complete, 10)
+            assert a.session.path_rtts().keys() == {2} and b.session.path_rtts().keys() == {1}
+            _end([a, b])
+            owners, blobs = random_owners({1: 3, 2: 3}, PIECE, seed=4, rnd=1)
+            sent_by_b = []
+            b.plane.send_peer = (lambda src, dst, rnd, msg, send=b.plane.send_peer:
+                                 (sent_by_b.append(type(msg).__name__), send(src, dst, rnd, msg)))
+            b.begin(1, owners, addresses([a, b]), config=coop)   # b first, alone
+            await asyncio.sleep(0.3)
+            assert a.plane.parked == 1                           # b's handshake is waiting
+            assert sent_by_b[:3] == ["Handshake", "Bitfield", "Unchoke"]
+            assert "Request" in sent_by_b                        # asked ahead, unprompted
+            assert b.session.stats.bytes_down == 0
+            a.begin(1, owners, addresses([a, b]), config=coop)
+            assert await ticking([a, b], lambda: a.session.complete and b.session.complete, 10)
+            for p, other in ((a, 2), (b, 1)):
+                assert blob_from_storage(p.storage, owners[other][0]) == blobs[other]
+                assert p.plane.stats.connections_reused == 1
+            assert b.plane.stats.connections_dialed == 0
+            assert b.session.path_rtts() == {1: b.session.peers[1].path_rtt}   # carried
+        finally:
+            await close_all([a, b])
+
+    asyncio.run(main())
+
+
+def test_a_higher_id_never_dials_its_handshake_is_dropped_without_a_connection():
+    """Only the lower id dials: a higher id's handshake to a peer it has no
+    connection to (a kept one that went away) is dropped, and the lower
+    id's own dial then opens the round as on a new connection."""
+    async def main():
+        a, b = await started(2)
+        try:
+            owners, blobs = random_owners({1: 2, 2: 2}, PIECE, seed=9)
+            b.begin(0, owners, addresses([a, b]), connect=False)
+            b.emit(b.session.connect(1, asyncio.get_running_loop().time()))
+            await asyncio.sleep(0.2)
+            assert b.plane.stats.connections_dialed == 0 and b.plane._pending == {}
+            assert a.plane.stats.connections_accepted == 0
+            a.begin(0, owners, addresses([a, b]))                  # a dials
+            assert await ticking([a, b], lambda: a.session.complete and b.session.complete, 10)
+            assert blob_from_storage(b.storage, owners[1][0]) == blobs[1]
+            assert b.plane.stats.connections_dialed == 0
+        finally:
+            await close_all([a, b])
+
+    asyncio.run(main())
+
+
 def test_parked_handshake_is_refused_after_the_timeout(caplog):
     async def main():
         a, b = await started(2, handshake_timeout=0.5)

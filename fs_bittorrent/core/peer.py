@@ -45,6 +45,7 @@ class PeerState:
     handshake_sent_at: Optional[float] = None
     handshaken: bool = False
     opened: bool = False             # we dialed and sent bitfield + unchoke behind our handshake
+    asked_ahead: bool = False        # ... and requests for its own pieces (a kept connection)
     # BEP 3 flags
     am_choking: bool = True
     am_interested: bool = False

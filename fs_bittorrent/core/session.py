@@ -177,6 +177,7 @@ class SwarmSession:
         self._rate_bytes = 0
         self._rate_since = now
         self.peers: dict[int, PeerState] = {}
+        self._path_rtts: dict[int, float] = {}   # see path_rtts
         self.stats = SessionStats()
         self.started_at = now
         self.closed = False
@@ -255,6 +256,26 @@ class SwarmSession:
             "held_pieces": len(self._held_started),
         }
 
+    def path_rtts(self) -> dict[int, float]:
+        """Peer id -> path round trip, for every peer whose was known this
+        session, also after ``close``: what the next round's session carries
+        over on a connection the host kept (``connect``).  The smaller of
+        the handshake's round trip and the quickest request-to-block time:
+        a fresh dial's handshake waited for TCP and TLS set-up and for busy
+        peers, which a kept connection's next round does not (carried
+        as measured, round 0's dial made LAN paths look long).  A block's
+        own transfer time only adds to the quickest request, so it still
+        bounds the path from above."""
+        out = dict(self._path_rtts)
+        for p in self.peers.values():
+            self._remember_rtt(p, out)
+        return out
+
+    def _remember_rtt(self, p: PeerState, into: dict[int, float]) -> None:
+        rtt = into.get(p.peer_id, 0.0)
+        if p.min_rtt > 0.0 and (rtt == 0.0 or p.min_rtt < rtt):
+            into[p.peer_id] = p.min_rtt
+
     def progress(self, now: float) -> dict:
         elapsed = max(now - self.started_at, 1e-9)
         return {
@@ -288,15 +309,41 @@ class SwarmSession:
             self.peers[peer] = p
         return p
 
-    def connect(self, peer: int, now: float) -> list[Outgoing]:
-        """Open a connection to ``peer``: send our handshake."""
+    def connect(self, peer: int, now: float, path_rtt: float = 0.0) -> list[Outgoing]:
+        """Open a connection to ``peer``: send our handshake.
+
+        ``path_rtt`` > 0 says the host keeps a connection to ``peer`` from
+        an earlier round whose path round trip that session knew.  On a
+        long path (``_long_path``) in a cooperative swarm without the
+        first-copy plan, both ends open such a *kept* connection at once
+        (neither waits a crossing for the other's handshake), so no
+        handshake answers another and none is timed: the round trip carries
+        over, with the window rules it implies, and the requests for
+        ``peer``'s own pieces go out right behind our handshake
+        (``_opening``).  Anywhere else a kept connection opens like a new
+        one -- the lower id sends, the round trip is measured again -- since
+        there the extra crossing is short and measured, opening from both
+        ends changed the simulated rounds by -0.06 to +0.01 in η
+        (docs/design.md, "Kept connections")."""
         if self.closed or peer == self.peer_id or peer in self.banned:
             return []
+        if path_rtt > 0.0 and not self._opens_kept(path_rtt):
+            if peer < self.peer_id:
+                return []                  # the lower id opens it, as a new one
+            path_rtt = 0.0
         p = self._peer(peer, now)
         if p.handshake_sent_at is not None:
             return []
         p.handshake_sent_at = now
+        if path_rtt > 0.0 and p.path_rtt == 0.0:
+            self._path_known(p, path_rtt)
         return self._opening(p, now)
+
+    def _opens_kept(self, path_rtt: float) -> bool:
+        """Do both ends open a kept connection with this round trip (see
+        ``connect``)?"""
+        return self._latency_rules and self.config.max_upload_slots == 0 \
+            and path_rtt >= self.config.request_queue_time
 
     def _opening(self, p: PeerState, now: float) -> list[Outgoing]:
         """What the dialing side sends first: its handshake and, in a
@@ -311,6 +358,16 @@ class SwarmSession:
             p.opened = True
             out.append(self._send(p, Bitfield(encode_bits(self.have, self.layout.num_pieces)), now))
             out.extend(self._unchoke(p, now))
+            if p.path_rtt > 0.0 and self._opens_kept(p.path_rtt) \
+                    and p.peer_id in self.layout.owners:
+                # A kept connection (``connect``'s path_rtt): a cooperative
+                # member unchokes every member on its handshake, before it
+                # reads what follows, and an owner holds its own pieces, so
+                # our requests for them may follow our handshake instead of
+                # waiting a crossing for its unchoke and bitfield.
+                p.asked_ahead = True
+                p.peer_choking = False
+                out.extend(self._on_have(p, self.layout.owner_range(p.peer_id), now))
         return out
 
     def peer_lost(self, peer: int, now: float) -> None:
@@ -322,6 +379,7 @@ class SwarmSession:
         p = self.peers.pop(peer, None)
         if p is None:
             return
+        self._remember_rtt(p, self._path_rtts)
         self.picker.live.discard(peer)
         self.picker.peer_gone(peer)
         if self._held_started:
@@ -332,7 +390,7 @@ class SwarmSession:
             if not self._held:
                 self._forget_held_order()
         p.inflight.clear()
-        if p.handshaken:
+        if p.handshaken or p.asked_ahead:
             self.picker.peer_lost(i for i in range(self.layout.num_pieces) if p.has[i])
 
     def _send(self, p: PeerState, msg: Action, now: float) -> Outgoing:
@@ -499,7 +557,7 @@ class SwarmSession:
                 out.append(self._send(p, Bitfield(encode_bits(self.have, self.layout.num_pieces)), now))
             return out
         p.handshaken = True
-        if p.handshake_sent_at is not None:
+        if p.handshake_sent_at is not None and p.path_rtt == 0.0:
             self._path_measured(p, now)  # we dialed: our handshake's round trip
         self.picker.live.add(peer)
         if p.handshake_sent_at is None:
@@ -531,7 +589,13 @@ class SwarmSession:
         pieces at a slow source (fast quarter at 50 ms, n = 8: η 0.72 with
         deep windows at every source, 0.80 with them at fast ones only).
         True if that deepened the window."""
-        p.path_rtt = max(now - p.handshake_sent_at, 1e-9)
+        return self._path_known(p, max(now - p.handshake_sent_at, 1e-9))
+
+    def _path_known(self, p: PeerState, rtt: float) -> bool:
+        """``p``'s path round trip is ``rtt`` (measured now, or by an
+        earlier round's session on the same connection): the window rules
+        of ``_path_measured``."""
+        p.path_rtt = self._path_rtts[p.peer_id] = rtt
         if not self._long_path(p):
             return False
         up = self.uplinks.get(p.peer_id) if self.uplinks else None
@@ -955,7 +1019,8 @@ class SwarmSession:
 
     def _fill(self, p: PeerState, now: float) -> list[Outgoing]:
         """Top up ``p``'s request pipeline within its depth and our credit."""
-        if self.closed or not p.handshaken or p.peer_choking or not p.am_interested:
+        if self.closed or not (p.handshaken or p.asked_ahead) or p.peer_choking \
+                or not p.am_interested:
             return []
         cfg = self.config
         inflight = len(p.inflight)
@@ -1093,6 +1158,8 @@ class SwarmSession:
                 if p.handshake_sent_at is not None and now - p.handshake_sent_at >= cfg.handshake_retry:
                     p.handshake_sent_at = now
                     out.extend(self._opening(p, now))
+                if p.inflight:   # asked ahead of its handshake: those expire too
+                    out.extend(self._expire_requests(p, now))
                 continue
             out.extend(self._expire_requests(p, now))
             if p.timeout_streak > self.config.max_retries:

@@ -31,7 +31,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 from ..errors import ConfigError
 
 __all__ = ["TOPOLOGIES", "make_topology", "validate_topology", "is_connected",
-           "unreachable_from", "feasible_degree", "restrict"]
+           "unreachable_from", "feasible_degree", "restrict", "openings"]
 
 TOPOLOGIES = ("full", "ring", "random_regular", "explicit")
 
@@ -289,3 +289,26 @@ def restrict(graph: Mapping[int, Iterable[int]], ids: Iterable[int],
             log.warning("topology: clients %s are cut off from client %s among the ids "
                         "%s; linking %s-%s", lost, root, _fmt_ids(sorted(keep)), root, head)
     return {a: sorted(adj[a]) for a in sorted(adj)}
+
+
+def openings(me: int, neighbours: Iterable[int], kept: Iterable[int],
+             path_rtts: Mapping[int, float]) -> list[tuple[int, float]]:
+    """Whom ``me`` sends its handshake to at a round's start, each with the
+    path round trip to carry over (0: to be measured), in id order.
+
+    A new connection is opened by the lower id only (it dials), so two peers
+    never dial each other.  A connection a host kept from the last round
+    (``kept``), whose round trip the last session knew (``path_rtts``), is
+    opened by *both* ends at once: neither waits a crossing for the other's
+    handshake (``SwarmSession.connect``).  A kept connection without a known
+    round trip is opened as a new one, so one end still measures it.
+    """
+    kept = set(kept)
+    out = []
+    for peer in sorted(set(neighbours) - {me}):
+        rtt = path_rtts.get(peer, 0.0)
+        if peer in kept and rtt > 0.0:
+            out.append((peer, rtt))
+        elif peer > me:
+            out.append((peer, 0.0))
+    return out

@@ -43,6 +43,7 @@ from ..core.messages import Message as PeerMessage
 from ..core.picker import pace_uploads, plan_where_uplinks_differ
 from ..core.pieces import make_model_manifest
 from ..core.session import Close, SwarmSession
+from ..core.topology import openings
 from ..errors import BitTorrentError, HandshakeRequired
 from ..net.uplink import UplinkEstimate
 from ..sim.swarm import lower_bound, lower_bound_latency
@@ -286,6 +287,9 @@ class ClientManager(BitTorrentManager):
             return
         if self.session is not None and not self.session.closed:
             self.session.close(self.now(), "superseded")
+        # The path round trips the last round's session measured (or carried):
+        # they still hold on the connections the host keeps (see below).
+        last_rtts = self.session.path_rtts() if self.session is not None else {}
         me = self.worker.ID
         round_idx, manifests, neighbours = start.round, start.manifests, start.neighbours
         timeout, addresses, certificates = start.timeout, start.addresses, start.certificates
@@ -335,11 +339,12 @@ class ClientManager(BitTorrentManager):
             self.progress.start(round_idx, self.layout.num_pieces - self._pieces_seen)
         self.store.begin_session(round_idx, me, now=now)
         begin_round = getattr(self.transport, "begin_round", None)
+        kept: set[int] = set()
         if begin_round is not None:
             begin_round(round_idx, self.session, addresses, certificates)
-        for peer in neighbours.get(me, []):
-            if peer > me:  # one side opens each connection
-                self._emit(self.session.connect(peer, now))
+            kept = self.transport.kept_peers()
+        for peer, rtt in openings(me, neighbours.get(me, []), kept, last_rtts):
+            self._emit(self.session.connect(peer, now, path_rtt=rtt))
         # Timers name the session by generation, not by reference: a timer
         # pending past its round must not keep that round's session alive.
         self._generation += 1

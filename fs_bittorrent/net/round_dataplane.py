@@ -178,6 +178,12 @@ class RoundDataPlane(PeerHost):
         self._pending.clear()
         self.round, self.session = None, None
 
+    def kept_peers(self) -> set[int]:
+        """Peers with a live connection kept from an earlier round (after
+        ``begin_round``: members whose pinned certificate still holds).
+        Both ends send the round's handshake on these at once."""
+        return {pid for pid, conn in self._conns.items() if not conn.closed}
+
     def _keep_members(self) -> None:
         """At a round's start: close live connections to peers outside the
         new table, or whose published certificate is not the one their
@@ -217,7 +223,10 @@ class RoundDataPlane(PeerHost):
             self._pending[dst].append(msg)
             return
         conn = self._conns.get(dst)
-        if conn is None and type(msg) is Handshake and dst in self.addresses:
+        if conn is None and type(msg) is Handshake and dst in self.addresses \
+                and dst > self.peer_id:
+            # Only the lower id dials (a higher one opens kept connections
+            # only); without a connection the message is dropped below.
             self._pending[dst] = [msg]
             self._spawn(self._dial_round(dst, round_idx), f"dial-{self.peer_id}->{dst}")
             return

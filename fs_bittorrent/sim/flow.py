@@ -701,8 +701,11 @@ class FlowSessionView:
             completed_at=done + self.offset if done is not None and done <= t else None,
             duplicate_blocks=r.duplicate_bytes[pid] // r.block_size)
 
-    def connect(self, peer: int, now: float) -> list:
+    def connect(self, peer: int, now: float, path_rtt: float = 0.0) -> list:
         return []
+
+    def path_rtts(self) -> dict[int, float]:
+        return {}          # no connections: nothing carries over
 
     def tick(self, now: float) -> list:
         return []

@@ -27,6 +27,7 @@ from typing import Callable, Optional
 from ..core.faults import PASS, FaultDecider, Faults  # noqa: F401  (Faults: public here too)
 from ..core.messages import Piece, message_size
 from ..core.session import Close, SwarmSession
+from ..core.topology import openings
 from ..errors import BitTorrentError, ConfigError, HandshakeRequired
 
 log = logging.getLogger(__name__)
@@ -377,11 +378,22 @@ class SimNetwork:
         self.net.add_link(session.peer_id, profile)
         self.peers[session.peer_id] = PeerLink(session, self.net.links[session.peer_id])
 
-    def connect_all(self, topology: Optional[dict[int, list[int]]] = None) -> None:
-        """Open connections (full mesh unless a neighbour list is given)."""
+    def connect_all(self, topology: Optional[dict[int, list[int]]] = None,
+                    kept: bool = False) -> None:
+        """Open connections (full mesh unless a neighbour list is given).
+
+        ``kept``: a round on connections kept from an earlier one (FS
+        distributed mode from round 1): both ends open each at once, with
+        its round trip known (``core.topology.openings``)."""
         ids = sorted(self.peers)
         for a in ids:
             neighbours = topology[a] if topology is not None else [b for b in ids if b != a]
+            if kept:
+                lat = self.peers[a].link.profile.latency
+                rtts = {b: max(lat + self.peers[b].link.profile.latency, 1e-9) for b in neighbours}
+                for b, rtt in openings(a, neighbours, neighbours, rtts):
+                    self._emit(a, self.peers[a].session.connect(b, self.now, path_rtt=rtt))
+                continue
             for b in neighbours:
                 if a < b or (topology is not None and a not in topology.get(b, [])):
                     self._emit(a, self.peers[a].session.connect(b, self.now))

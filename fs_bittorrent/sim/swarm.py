@@ -109,11 +109,13 @@ def build_swarm(owners: OwnerPieces, config: SwarmConfig = SwarmConfig(),
                 secret: bytes = b"", experiment: str = "fs_bittorrent",
                 peers: Optional[Sequence[int]] = None,
                 storage_factory: Optional[Callable[[int], PieceStorage]] = None,
-                tick_interval: float = 0.5) -> SimSwarm:
+                tick_interval: float = 0.5, kept_connections: bool = False) -> SimSwarm:
     """A network with one session per peer, each holding its own pieces.
 
     ``peers`` defaults to the owners; extra ids join as pure downloaders.
     Storages share one content pool, so each distinct piece is kept once.
+    ``kept_connections``: the round runs on connections kept from an earlier
+    one, opened from both ends (``SimNetwork.connect_all``).
     """
     layout = SwarmLayout(tuple(m for m, _ in owners.values()), experiment=experiment)
     ids = list(peers if peers is not None else sorted(owners))
@@ -145,5 +147,5 @@ def build_swarm(owners: OwnerPieces, config: SwarmConfig = SwarmConfig(),
         profile = profiles if isinstance(profiles, LinkProfile) else profiles[pid]
         net.add_peer(SwarmSession(pid, layout, storage, config, secret=secret, check=check,
                                   uplinks=uplinks, paced_uploads=upload_aware), profile)
-    net.connect_all()
+    net.connect_all(kept=kept_connections)
     return SimSwarm(layout, net, storages, owners)
