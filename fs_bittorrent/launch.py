@@ -189,14 +189,20 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
+def _round_lines(outdir: Path) -> dict[Path, list[str]]:
+    """The non-empty lines of every ``bittorrent_rounds.jsonl`` under
+    ``outdir`` (FS may add a sub-directory per experiment), by path."""
+    out = {}
+    for path in sorted(Path(outdir).rglob("bittorrent_rounds.jsonl")):
+        with open(path) as f:
+            out[path] = [line for line in f if line.strip()]
+    return out
+
+
 def rounds_seen(outdir: Path) -> dict[Path, int]:
     """How many lines each ``bittorrent_rounds.jsonl`` under ``outdir`` has
     now: what :func:`read_rounds` must skip to see only a later run's."""
-    counts = {}
-    for path in Path(outdir).rglob("bittorrent_rounds.jsonl"):
-        with open(path) as f:
-            counts[path] = sum(1 for line in f if line.strip())
-    return counts
+    return {path: len(lines) for path, lines in _round_lines(outdir).items()}
 
 
 def read_rounds(outdir: Path, skip: Optional[dict[Path, int]] = None) -> list[dict]:
@@ -205,12 +211,8 @@ def read_rounds(outdir: Path, skip: Optional[dict[Path, int]] = None) -> list[di
     each file: those an earlier run wrote into the same outdir (FS then
     makes a new sub-directory, or the file is appended to)."""
     skip = skip or {}
-    rows = []
-    for path in sorted(Path(outdir).rglob("bittorrent_rounds.jsonl")):
-        with open(path) as f:
-            lines = [line for line in f if line.strip()]
-        rows.extend(json.loads(line) for line in lines[skip.get(path, 0):])
-    return rows
+    return [json.loads(line) for path, lines in _round_lines(outdir).items()
+            for line in lines[skip.get(path, 0):]]
 
 
 def main(argv: Optional[list[str]] = None) -> int:

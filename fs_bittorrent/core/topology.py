@@ -299,9 +299,13 @@ def openings(me: int, neighbours: Iterable[int], kept: Iterable[int],
     A new connection is opened by the lower id only (it dials), so two peers
     never dial each other.  A connection a host kept from the last round
     (``kept``), whose round trip the last session knew (``path_rtts``), is
-    opened by *both* ends at once: neither waits a crossing for the other's
-    handshake (``SwarmSession.connect``).  A kept connection without a known
-    round trip is opened as a new one, so one end still measures it.
+    offered to the session by *both* ends with that round trip: where the
+    session opens kept connections from both ends (``SwarmSession.connect``:
+    long paths, cooperative, no first-copy plan) neither waits a crossing
+    for the other's handshake; elsewhere the higher id's ``connect`` sends
+    nothing and the connection opens as a new one.  A kept connection
+    without a known round trip is opened as a new one, so one end still
+    measures it.
     """
     kept = set(kept)
     out = []

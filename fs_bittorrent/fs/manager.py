@@ -64,7 +64,8 @@ class PeerTransport(Protocol):
     """How peer messages leave: the standalone runner's virtual network, or
     the distributed data plane (which also has ``begin_round(round, session,
     addresses, certificates)`` and ``end_round()``: its connections belong to
-    one round)."""
+    one round; and ``kept_peers()``, the connections it kept from the last
+    round, see ``core.topology.openings``)."""
 
     def send_peer(self, src: int, dst: int, round_idx: int, msg: PeerMessage) -> None: ...
     def close_peer(self, src: int, dst: int, round_idx: int) -> None: ...

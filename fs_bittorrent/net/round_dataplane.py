@@ -181,7 +181,8 @@ class RoundDataPlane(PeerHost):
     def kept_peers(self) -> set[int]:
         """Peers with a live connection kept from an earlier round (after
         ``begin_round``: members whose pinned certificate still holds).
-        Both ends send the round's handshake on these at once."""
+        On long paths both ends may send the round's handshake on these at
+        once (``core.topology.openings``)."""
         return {pid for pid, conn in self._conns.items() if not conn.closed}
 
     def _keep_members(self) -> None:

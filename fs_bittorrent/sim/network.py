@@ -383,8 +383,9 @@ class SimNetwork:
         """Open connections (full mesh unless a neighbour list is given).
 
         ``kept``: a round on connections kept from an earlier one (FS
-        distributed mode from round 1): both ends open each at once, with
-        its round trip known (``core.topology.openings``)."""
+        distributed mode from round 1): both ends offer each to their
+        session with its round trip known (``core.topology.openings``),
+        which opens it from both ends where that pays."""
         ids = sorted(self.peers)
         for a in ids:
             neighbours = topology[a] if topology is not None else [b for b in ids if b != a]
