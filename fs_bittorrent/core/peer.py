@@ -203,8 +203,12 @@ class PeerState:
     def release_piece(self, index: int) -> None:
         """Piece verified, failed or taken away: free everything it held."""
         self.reserved_total -= self.reserved.pop(index, 0)
-        if self.duplicates:
-            self.duplicates = {k for k in self.duplicates if k[0] != index}
+        duplicates = self.duplicates
+        if duplicates:
+            # in place: usually none or a few of them are this piece's, so
+            # no new set per settled piece and peer
+            for key in [k for k in duplicates if k[0] == index]:
+                duplicates.discard(key)
 
     # ---- send-side ledger --------------------------------------------------
     def add_served(self, index: int, begin: int, length: int, now: float) -> bool:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 from typing import Optional, Protocol, Union
 
+from ..errors import HashMismatch  # (at import: put runs once per verified piece)
+
 Bytes = Union[bytes, bytearray, memoryview]
 
 
@@ -65,7 +67,6 @@ class MemoryPieceStorage:
         return self._pieces.get((source, index))
 
     def put(self, source: int, index: int, sha256: bytes, data: Bytes) -> None:
-        from ..errors import HashMismatch
         if self.verify and hashlib.sha256(data).digest() != sha256:
             raise HashMismatch("sha256", sha256.hex(), f"piece {source}/{index} does not match")
         self._pieces[(source, index)] = self.pool.intern(sha256, data)

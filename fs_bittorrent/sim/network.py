@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from ..core.faults import PASS, FaultDecider, Faults  # noqa: F401  (Faults: public here too)
-from ..core.messages import Piece, message_size
+from ..core.messages import FIXED_SIZES, Piece, message_size
 from ..core.session import Close, SwarmSession
 from ..core.topology import openings
 from ..errors import BitTorrentError, ConfigError, HandshakeRequired
@@ -61,6 +61,15 @@ class Link:
     # links instead of holding every block in flight.
     up_queue: deque = field(default_factory=deque)
     down_queue: deque = field(default_factory=deque)
+    # The profile's rates and latency, read for every message sent: copied
+    # into slots once (a frozen dataclass's attribute is a dict lookup on
+    # each read).  The profile is fixed for the link's life.
+    up: float = field(init=False)
+    down: float = field(init=False)
+    latency: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.up, self.down, self.latency = self.profile.up, self.profile.down, self.profile.latency
 
 
 @dataclass
@@ -85,6 +94,8 @@ class SimResult:
 # due (the payload is the link's peer id); _ARRIVE: a reordered bulk message,
 # queued on its own because it left its uplink's order.
 _DELIVER, _ARRIVE, _ACTION, _BATCH, _UPLINK, _DOWNLINK = range(6)
+
+_heappush = heapq.heappush  # one global lookup on the per-message path, not two
 
 
 class VirtualNetwork:
@@ -166,97 +177,114 @@ class VirtualNetwork:
 
     def send(self, src: int, dst: int, payload: object, size: int,
              faulty: bool = True) -> None:
-        closed = self._closed_pairs
-        if closed and (src, dst) in closed or dst not in self.links:
-            return
-        f = self.faults
-        copies = 1
-        if self._faulty and faulty:
-            d = self.decider.decide(self.corrupt is not None)
-            if d is not PASS:
-                counts = self.fault_counts
-                if d.disconnect:
-                    counts["disconnects"] += 1
-                    self.on_disconnect(src, dst, payload)
-                    return
-                if d.drop:
-                    counts["dropped"] += 1
-                    return
-                if d.copies > 1:
-                    counts["duplicated"] += 1
-                    copies = d.copies
-                if d.corrupt:
-                    changed = self.corrupt(payload, self.rng)
-                    if changed is not None:
-                        counts["corrupted"] += 1
-                        payload = changed
-                if d.delay:
-                    # A stall before the message leaves; the connection may
-                    # close meanwhile, and later messages may overtake it.
-                    counts["delayed"] += 1
-                    def later(n: int = copies, payload: object = payload) -> None:
-                        for _ in range(n):
-                            self.send(src, dst, payload, size, faulty=False)
-                    self.schedule(self.now + d.delay, later)
-                    return
-        s = self.links[src]
-        for _ in range(copies):
-            s.wire_up += size
-            self.in_flight += 1
-            self._seq += 1
-            seq = self._seq
-            if size <= self.small_message:
-                self._send_small(src, dst, payload, size, s, seq)
-                continue
-            s.up_free = max(self.now, s.up_free) + size / s.profile.up
-            arrive = s.up_free + s.profile.latency
-            if f.reorder and self.rng.random() < f.reorder:
-                self.fault_counts["reordered"] += 1
-                arrive += self.rng.random() * f.reorder_delay
-                heapq.heappush(self._queue, (arrive, seq, _ARRIVE, (src, dst, payload, size)))
-                continue
-            # Into the uplink's FIFO; an empty queue's new head goes into the
-            # heap under its own (time, seq), so events run in exactly the
-            # order they would if every entry were in the heap.
-            up = s.up_queue
-            if not up:
-                heapq.heappush(self._queue, (arrive, seq, _UPLINK, src))
-            up.append((arrive, seq, (src, dst, payload, size)))
+        """Queue ``payload`` (``size`` bytes on the wire) from ``src`` to ``dst``.
 
-    def _send_small(self, src: int, dst: int, payload: object, size: int, s: Link,
-                    seq: int) -> None:
-        """Control messages interleave with bulk data at packet level on real
-        links, so they do not wait behind queued blocks; their bytes still
-        use link capacity, and per connection they keep their order."""
-        d = self.links[dst]
-        now = self.now
-        up, down = size / s.profile.up, size / d.profile.down
-        s.up_free = (s.up_free if s.up_free > now else now) + up
-        if d.down_free > now:
-            d.down_free += down
-        at = now + up + s.profile.latency + down
-        if self.faults.reorder and self.rng.random() < self.faults.reorder:
-            self.fault_counts["reordered"] += 1
-            at += self.rng.random() * self.faults.reorder_delay
+        Called for every message of a run, so the fault-free path is written
+        out here in full, with no helper calls; ``_send_faulty`` decides the
+        faults and sends each surviving copy back through here.
+
+        Small messages (``small_message`` bytes or fewer) interleave with
+        bulk data at packet level on real links, so they do not wait behind
+        queued blocks; their bytes still use link capacity, and per
+        connection they keep their order.  Larger ones queue on the
+        sender's uplink, then on the receiver's downlink (``run``)."""
+        closed = self._closed_pairs
+        links = self.links
+        if closed and (src, dst) in closed or dst not in links:
+            return
+        if self._faulty:
+            if faulty:
+                self._send_faulty(src, dst, payload, size)
+                return
+            reorder = self.faults.reorder
         else:
-            last = s.last_small.get(dst, 0.0)
-            if last > at:
-                at = last
-            s.last_small[dst] = at
-        d.wire_down += size
-        if not self.coalesce:
-            heapq.heappush(self._queue, (at, seq, _DELIVER, (src, dst, payload, 0)))
+            reorder = 0.0  # (a reorder rate makes ``faults.any`` true)
+        s = links[src]
+        s.wire_up += size
+        self.in_flight += 1
+        self._seq = seq = self._seq + 1
+        now = self.now
+        if size <= self.small_message:
+            d = links[dst]
+            up, down = size / s.up, size / d.down
+            s.up_free = (s.up_free if s.up_free > now else now) + up
+            if d.down_free > now:
+                d.down_free += down
+            at = now + up + s.latency + down
+            if reorder and self.rng.random() < reorder:
+                self.fault_counts["reordered"] += 1
+                at += self.rng.random() * self.faults.reorder_delay
+            else:
+                last_small = s.last_small
+                last = last_small.get(dst, 0.0)
+                if last > at:
+                    at = last
+                last_small[dst] = at
+            d.wire_down += size
+            if not self.coalesce:
+                _heappush(self._queue, (at, seq, _DELIVER, (src, dst, payload, 0)))
+                return
+            batch = self._batch
+            if batch is not None and at == self._batch_at and self._batch_seq == seq - 1:
+                # Nothing was queued since this entry's last message (the
+                # sequence numbers are contiguous): it is delivered right
+                # after it either way.
+                batch.append((src, dst, payload))
+                self._batch_seq = seq
+                return
+            self._batch = batch = [(src, dst, payload)]
+            self._batch_at, self._batch_seq = at, seq
+            _heappush(self._queue, (at, seq, _BATCH, batch))
             return
-        batch = self._batch
-        if batch is not None and at == self._batch_at and self._batch_seq == seq - 1:
-            # Nothing was queued since this entry's last message (the sequence
-            # numbers are contiguous): it is delivered right after it either way.
-            batch.append((src, dst, payload))
-            self._batch_seq = seq
+        s.up_free = (s.up_free if s.up_free > now else now) + size / s.up
+        arrive = s.up_free + s.latency
+        if reorder and self.rng.random() < reorder:
+            self.fault_counts["reordered"] += 1
+            arrive += self.rng.random() * self.faults.reorder_delay
+            heapq.heappush(self._queue, (arrive, seq, _ARRIVE, (src, dst, payload, size)))
             return
-        self._batch = batch = [(src, dst, payload)]
-        self._batch_at, self._batch_seq = at, seq
-        heapq.heappush(self._queue, (at, seq, _BATCH, batch))
+        # Into the uplink's FIFO; an empty queue's new head goes into the
+        # heap under its own (time, seq), so events run in exactly the
+        # order they would if every entry were in the heap.
+        up_queue = s.up_queue
+        if not up_queue:
+            _heappush(self._queue, (arrive, seq, _UPLINK, src))
+        up_queue.append((arrive, seq, (src, dst, payload, size)))
+
+    def _send_faulty(self, src: int, dst: int, payload: object, size: int) -> None:
+        """``send`` with the per-message faults on: decide them, then send each
+        surviving copy (``send`` with ``faulty=False``, which only adds the
+        reorder jitter)."""
+        copies = 1
+        d = self.decider.decide(self.corrupt is not None)
+        if d is not PASS:
+            counts = self.fault_counts
+            if d.disconnect:
+                counts["disconnects"] += 1
+                self.on_disconnect(src, dst, payload)
+                return
+            if d.drop:
+                counts["dropped"] += 1
+                return
+            if d.copies > 1:
+                counts["duplicated"] += 1
+                copies = d.copies
+            if d.corrupt:
+                changed = self.corrupt(payload, self.rng)
+                if changed is not None:
+                    counts["corrupted"] += 1
+                    payload = changed
+            if d.delay:
+                # A stall before the message leaves; the connection may
+                # close meanwhile, and later messages may overtake it.
+                counts["delayed"] += 1
+                def later(n: int = copies, payload: object = payload) -> None:
+                    for _ in range(n):
+                        self.send(src, dst, payload, size, faulty=False)
+                self.schedule(self.now + d.delay, later)
+                return
+        for _ in range(copies):
+            self.send(src, dst, payload, size, faulty=False)
 
     def run(self, until: Optional[float] = None, max_events: Optional[int] = None,
             idle: Optional[Callable[[], bool]] = None) -> None:
@@ -284,23 +312,37 @@ class VirtualNetwork:
                 for src, dst, msg in payload:
                     if not closed or (src, dst) not in closed:
                         deliver(src, dst, msg)
-            elif kind == _UPLINK or kind == _DOWNLINK:
+            elif kind == _UPLINK:
                 # The head of a link's bulk queue is due: the next one takes
                 # its place in the heap.
-                link = links[payload]
-                fifo = link.up_queue if kind == _UPLINK else link.down_queue
+                fifo = links[payload].up_queue
                 message = fifo.popleft()[2]
                 if fifo:
                     head = fifo[0]
-                    push(queue, (head[0], head[1], kind, payload))
-                if kind == _UPLINK:
-                    self._arrive(at, message)
-                else:
-                    self.in_flight -= 1
-                    src, dst, msg, size = message
-                    if not closed or (src, dst) not in closed:
-                        link.wire_down += size
-                        deliver(src, dst, msg)
+                    push(queue, (head[0], head[1], _UPLINK, payload))
+                # It reached the receiver's downlink: ``_arrive``, written
+                # out here (half of all events are these two kinds).
+                dst = message[1]
+                d = links[dst]
+                done = d.down_free = (d.down_free if d.down_free > at else at) \
+                    + message[3] / d.down
+                self._seq = seq = self._seq + 1
+                fifo = d.down_queue
+                if not fifo:
+                    push(queue, (done, seq, _DOWNLINK, dst))
+                fifo.append((done, seq, message))
+            elif kind == _DOWNLINK:
+                link = links[payload]
+                fifo = link.down_queue
+                message = fifo.popleft()[2]
+                if fifo:
+                    head = fifo[0]
+                    push(queue, (head[0], head[1], _DOWNLINK, payload))
+                self.in_flight -= 1
+                src, dst, msg, size = message
+                if not closed or (src, dst) not in closed:
+                    link.wire_down += size
+                    deliver(src, dst, msg)
             elif kind == _ARRIVE:
                 self._arrive(at, payload)
             elif kind == _DELIVER:
@@ -323,10 +365,11 @@ class VirtualNetwork:
 
     def _arrive(self, at: float, message: tuple) -> None:
         """A bulk message reached its receiver's downlink: queue it there
-        (a FIFO like the uplink's, see ``send``)."""
+        (a FIFO like the uplink's, see ``send``).  ``run`` has this inline
+        for messages in uplink order; this is for reordered ones."""
         dst = message[1]
         d = self.links[dst]
-        done = d.down_free = (d.down_free if d.down_free > at else at) + message[3] / d.profile.down
+        done = d.down_free = (d.down_free if d.down_free > at else at) + message[3] / d.down
         self._seq += 1
         down = d.down_queue
         if not down:
@@ -427,15 +470,23 @@ class SimNetwork:
 
     # ---- plumbing ------------------------------------------------------------------
     def _emit(self, src: int, outgoing) -> None:
-        send, encode = self.net.send, self.encode
+        """Send what a session returned (every message of a run passes here):
+        ``message_size`` is one dict lookup for all but pieces, bitfields
+        and handshakes, so that lookup is made here."""
+        send, encode, fixed = self.net.send, self.encode, FIXED_SIZES
         for dst, msg in outgoing:
-            if type(msg) is Close:
-                self._close(src, dst)
-            elif encode:
+            kind = type(msg)
+            size = fixed.get(kind)
+            if size is None:
+                if kind is Close:
+                    self._close(src, dst)
+                    continue
+                size = message_size(msg)
+            if encode:
                 from ..core.codec import encode as encode_message
-                send(src, dst, encode_message(msg), message_size(msg))
+                send(src, dst, encode_message(msg), size)
             else:
-                send(src, dst, msg, message_size(msg))
+                send(src, dst, msg, size)
 
     def _close(self, src: int, dst: int) -> None:
         if not self.net.close_pair(src, dst):
@@ -505,10 +556,10 @@ class SimNetwork:
                 self._emit(pid, link.session.deadline(self.now))
 
     def _deliver(self, src: int, dst: int, payload) -> None:
-        d = self.peers[dst]
+        session = self.peers[dst].session
         try:
             msg = self._decode(dst, payload) if self.encode else payload
-            out = d.session.handle(src, msg, self.net.now)
+            out = session.handle(src, msg, self.net.now)
         except BitTorrentError as exc:
             self.protocol_errors += 1
             if self.on_error is not None:
@@ -516,11 +567,11 @@ class SimNetwork:
             if not isinstance(exc, HandshakeRequired) and not self.faults.any:
                 log.warning("peer %s -> %s: %s; closing", src, dst, exc)
                 self._emit(dst, [(src, Close(str(exc)))])
-                d.session.peer_lost(src, self.now)
+                session.peer_lost(src, self.now)
             return
         if out:
             self._emit(dst, out)
-        if d.session.paced_uploads and d.session.upload_waiting:
+        if session.paced_uploads and session.upload_waiting:
             self._pump(dst)
 
     # ---- paced uploads ---------------------------------------------------------------
