@@ -256,6 +256,7 @@ class PiecePicker:
         self.tiebreak = [0] * n
         for rank, i in enumerate(order):
             self.tiebreak[i] = rank
+        self.by_rank = order   # tiebreak rank -> piece (the inverse of tiebreak)
         self.partials: dict[int, PartialPiece] = {}
         self.assigned: dict[int, set[int]] = {}     # peer -> its partial pieces
         self.unassigned: set[int] = set()           # partials waiting for a peer
@@ -378,9 +379,19 @@ class PiecePicker:
         while room > 0:
             best: Optional[int] = None
             best_key: Optional[int] = None
-            if plain:
+            if plain and not avoid:
+                # The hottest scan of a uniform round (8 million pieces
+                # looked at for 64 peers): the keys in one comprehension and
+                # their minimum in C.  Keys are unique (the tiebreak ranks
+                # are), so the piece is the same as the loop below finds,
+                # and ``key % n`` is its rank.
+                keys = [availability[i] * n + tiebreak[i] for i in self.unstarted if peer_has[i]]
+                if keys:
+                    best_key = min(keys)
+                    best = self.by_rank[best_key % n]
+            elif plain:
                 for i in self.unstarted:
-                    if peer_has[i] and not (avoid and self._avoided(i, peer)):
+                    if peer_has[i] and not self._avoided(i, peer):
                         key = availability[i] * n + tiebreak[i]
                         if best_key is None or key < best_key:
                             best, best_key = i, key
@@ -556,7 +567,9 @@ class PiecePicker:
         received = pp.received
         if received[b]:
             return None
-        pp.blocks[b] = _kept(data)
+        # (``_kept(data)`` inline for the common case, a view of bytes: once per block)
+        pp.blocks[b] = data if type(data) is memoryview and type(data.obj) is bytes \
+            else _kept(data)
         received[b] = True
         pp.block_from[b] = peer
         pp.open_blocks.discard(b)

@@ -41,6 +41,26 @@ class VerifiedCopies:
             return True
         return hashlib.sha256(data).digest() == digest
 
+    def matching_copy(self, digest: bytes, blocks: Sequence[Bytes]) -> Optional[bytes]:
+        """The verified copy of ``digest`` if ``blocks``, joined, equal it;
+        else None (the caller then joins them and calls the check).
+
+        Each block is compared in place with its slice of the copy, so a
+        piece that matches -- every piece but a corrupted one -- is never
+        joined: a 64-peer round joined 32 256 pieces of 256 KiB only to
+        compare them and let the content pool drop the join for its own
+        copy.  Not None exactly when ``self(digest, b"".join(blocks))`` would
+        be True by its byte comparison."""
+        copy = self._copies.get(digest)
+        if copy is None:
+            return None
+        lo = 0
+        for block in blocks:
+            if not copy.startswith(block, lo):   # memcmp, no slice made
+                return None
+            lo += block.nbytes if type(block) is memoryview else len(block)
+        return copy if lo == len(copy) else None
+
 
 @dataclass
 class SimSwarm:
