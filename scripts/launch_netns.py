@@ -17,6 +17,9 @@ plus that variant's own config options, interleaved ``--repeat`` times, in
 the same namespaces; one table for all.  E.g. ``--tree
 b16=.:bittorrent.adaptive_block_size=False:bittorrent.block_size=16384``.
 ``--slow-start-after-idle 0`` sets that sysctl in every namespace.
+``--wire-trace FILE`` records every host's upload bytes at the switch every
+2 ms (``scripts/wire_trace.py``) and prints each exchange's use of the
+clients' uplinks, its ramp and its tail.
 
 For the loopback equivalent (no shaping, no root) use
 ``fs-bittorrent launch``.
@@ -27,8 +30,10 @@ import argparse
 import logging
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
@@ -60,6 +65,8 @@ def main(argv=None) -> int:
     ap.add_argument("--slow-start-after-idle", type=int, choices=(0, 1), default=None,
                     help="net.ipv4.tcp_slow_start_after_idle in every namespace "
                          "(default: leave the kernel's, 1)")
+    ap.add_argument("--wire-trace", default=None, metavar="FILE",
+                    help="record the hosts' uploads at the switch (scripts/wire_trace.py)")
     ap.add_argument("--out", default="exp/netns")
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("opts", nargs=argparse.REMAINDER)
@@ -84,19 +91,63 @@ def main(argv=None) -> int:
     with ShapedHosts(n + 1, up_mbit=a.up, down_mbit=a.down, up_overrides=slow,
                      burst_kbit=a.burst_kbit,
                      slow_start_after_idle=a.slow_start_after_idle) as hosts:
-        for rep_i in range(a.repeat):
-            for name, path, extra in trees:
-                run_out = out / f"{name}_{rep_i}"
-                parts = plan(a.cfg, n, run_out, list(a.opts) + extra, host_of=lambda role, i: hosts[i].ip,
-                             wrap=lambda role, i: hosts[i].wrap([]))
-                # PYTHONSAFEPATH: ``python -m`` must not put the working
-                # directory (this tree) ahead of PYTHONPATH.
-                env = dict(os.environ, PYTHONPATH=os.path.abspath(path), PYTHONSAFEPATH="1")
-                result = run(parts, timeout=a.timeout, env=env)
-                results.append((name, rep_i, result))
-                print(f"{name} run {rep_i}: {'ok' if result.ok else 'FAILED'}", flush=True)
-                if not result.ok:
-                    print(result.log_tail(), file=sys.stderr)
+        tracer = start_wire_trace(hosts, a.wire_trace, a.timeout * a.repeat * len(trees))
+        try:
+            run_all(a, n, out, trees, hosts, results)
+        finally:
+            stop_wire_trace(tracer)
+    report(a, n, up, slow, results)
+    if a.wire_trace:
+        import wire_trace
+        trace = wire_trace.load(a.wire_trace)
+        rates = [a.up] + [up[c] for c in range(1, n + 1)]
+        periods = wire_trace.active_periods(trace, rates)
+        print(f"\nwire trace {a.wire_trace}: {len(periods)} exchange(s) seen at the switch")
+        print("\n".join(wire_trace.summary_lines(periods, 0.02)))
+    return 0 if all(res.ok for _, _, res in results) else 1
+
+
+def start_wire_trace(hosts: ShapedHosts, path: Optional[str],
+                     duration: float) -> Optional[subprocess.Popen]:
+    """The sampler in the switch namespace (None without ``path``)."""
+    if not path:
+        return None
+    return subprocess.Popen(["ip", "netns", "exec", hosts.switch, sys.executable,
+                             os.path.join(HERE, "wire_trace.py"), "sample", "--out",
+                             os.path.abspath(path), "--duration", str(duration)])
+
+
+def stop_wire_trace(tracer: Optional[subprocess.Popen]) -> None:
+    if tracer is None:
+        return
+    tracer.terminate()
+    try:
+        tracer.wait(timeout=10)
+    except subprocess.TimeoutExpired:  # pragma: no cover - it stops on SIGTERM
+        tracer.kill()
+        tracer.wait()
+
+
+def run_all(a: argparse.Namespace, n: int, out: Path, trees: list, hosts: ShapedHosts,
+            results: list) -> None:
+    """Every tree ``a.repeat`` times, interleaved, in the same namespaces."""
+    for rep_i in range(a.repeat):
+        for name, path, extra in trees:
+            run_out = out / f"{name}_{rep_i}"
+            parts = plan(a.cfg, n, run_out, list(a.opts) + extra, host_of=lambda role, i: hosts[i].ip,
+                         wrap=lambda role, i: hosts[i].wrap([]))
+            # PYTHONSAFEPATH: ``python -m`` must not put the working
+            # directory (this tree) ahead of PYTHONPATH.
+            env = dict(os.environ, PYTHONPATH=os.path.abspath(path), PYTHONSAFEPATH="1")
+            result = run(parts, timeout=a.timeout, env=env)
+            results.append((name, rep_i, result))
+            print(f"{name} run {rep_i}: {'ok' if result.ok else 'FAILED'}", flush=True)
+            if not result.ok:
+                print(result.log_tail(), file=sys.stderr)
+
+
+def report(a: argparse.Namespace, n: int, up: dict, slow: dict, results: list) -> None:
+    """The machine, the links and every round's T, T_LB and eta."""
     print(f"machine: {platform.platform()}, {os.cpu_count()} cpus, "
           f"Python {platform.python_version()}")
     print(f"{n} clients, upload {a.up:g} Mbit/s" +
@@ -115,7 +166,6 @@ def main(argv=None) -> int:
             t = r["exchange_time"]
             print(f"| {name} | {rep_i} | {r['round']} | {r['reason']} | {t:.3f} | "
                   f"{t_lb:.3f} | {t_lb / t:.3f} | {r['completion_ratio']:.2f} |")
-    return 0 if all(res.ok for _, _, res in results) else 1
 
 
 if __name__ == "__main__":
