@@ -567,9 +567,7 @@ class PiecePicker:
         received = pp.received
         if received[b]:
             return None
-        # (``_kept(data)`` inline for the common case, a view of bytes: once per block)
-        pp.blocks[b] = data if type(data) is memoryview and type(data.obj) is bytes \
-            else _kept(data)
+        pp.blocks[b] = _kept(data)
         received[b] = True
         pp.block_from[b] = peer
         pp.open_blocks.discard(b)

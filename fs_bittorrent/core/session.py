@@ -122,6 +122,7 @@ class SwarmSession:
                  paced_uploads: bool = False) -> None:
         self.peer_id = peer_id
         self.check = check
+        self._matching_copy = getattr(check, "matching_copy", None)   # see the docstring
         self.layout = layout
         self.storage = storage
         self.config = config
@@ -643,16 +644,13 @@ class SwarmSession:
             return []
         p.wanted += 1
         if p.am_interested:
-            window = p.window
-            if window != 0.0:
+            if p.window != 0.0 and len(p.inflight) >= p.pipeline_depth(self._min_requests,
+                                                                        self._max_requests):
                 # Most haves find p's request pipeline full, where ``_fill``
-                # returns nothing: its depth (``PeerState.pipeline_depth``,
-                # which changes nothing once the window is set) is checked
-                # here first, without the call.
-                depth = int(window)
-                lo, hi = self._min_requests, self._max_requests
-                if len(p.inflight) >= (lo if depth < lo else hi if depth > hi else depth):
-                    return []
+                # returns nothing: checked here first, without ``_fill``'s
+                # other checks.  (With the window set, ``pipeline_depth``
+                # changes nothing; a window still 0 is ``_fill``'s to set.)
+                return []
             return self._fill(p, now)
         out = self._set_interest(p, True, now)
         out.extend(self._fill(p, now))
@@ -934,7 +932,7 @@ class SwarmSession:
         # the blocks with its copy in place and hand that copy back: equal
         # bytes, the same verdict, and no 256 KiB join per piece.  Anything
         # else, or no match, is joined and checked as always.
-        matching_copy = getattr(self.check, "matching_copy", None)
+        matching_copy = self._matching_copy
         data = matching_copy(digest, pp.blocks) if matching_copy is not None else None
         if data is None:
             data = pp.data()
@@ -1050,15 +1048,7 @@ class SwarmSession:
             return []
         cfg = self.config
         inflight = len(p.inflight)
-        lo, hi = self._min_requests, self._max_requests
-        window = p.window
-        if window != 0.0:
-            # ``p.pipeline_depth(lo, hi)`` without the call: it only sets a
-            # window that is still 0
-            depth = int(window)
-            room = (lo if depth < lo else hi if depth > hi else depth) - inflight
-        else:
-            room = p.pipeline_depth(lo, hi) - inflight
+        room = p.pipeline_depth(self._min_requests, self._max_requests) - inflight
         if room <= 0:
             return []  # the common case on a busy link: nothing to pick
         pid = p.peer_id
