@@ -22,6 +22,7 @@ headers once, so a saturated uplink reads a little below its tbf rate
 from __future__ import annotations
 
 import argparse
+import bisect
 import os
 import signal
 import sys
@@ -81,12 +82,9 @@ class Trace:
     times: list[float]
     counts: list[list[int]]      # per sample, cumulative bytes per port
 
-    def bytes_between(self, port: int, t0: float, t1: float) -> int:
-        return self._at(t1)[port] - self._at(t0)[port]
-
-    def _at(self, t: float) -> list[int]:
-        """The last sample at or before ``t`` (the first if none)."""
-        import bisect
+    def at(self, t: float) -> list[int]:
+        """The cumulative bytes per port at the last sample at or before
+        ``t`` (the first sample if none)."""
         i = bisect.bisect_right(self.times, t) - 1
         return self.counts[max(i, 0)]
 
@@ -125,29 +123,32 @@ def active_periods(trace: Trace, up_mbit: Sequence[float], bin_s: float = 0.02,
     ports = list(clients) if clients is not None else list(range(1, len(trace.ports)))
     capacity = sum(up_mbit[p] * MBIT for p in ports)
     t, end = trace.times[0], trace.times[-1]
-    use: list[tuple[float, float]] = []
+    starts: list[float] = []
+    use: list[float] = []
+    before = trace.at(t)
     while t + bin_s <= end:
-        moved = sum(trace.bytes_between(p, t, t + bin_s) for p in ports)
-        use.append((t, moved / (capacity * bin_s)))
-        t += bin_s
+        after = trace.at(t + bin_s)
+        starts.append(t)
+        use.append(sum(after[p] - before[p] for p in ports) / (capacity * bin_s))
+        before, t = after, t + bin_s
     periods: list[Period] = []
     current: Optional[Period] = None
-    idle_since: Optional[float] = None
-    for t0, u in use:
+    idle_from: Optional[int] = None           # first quiet bin since the last busy one
+    for k, u in enumerate(use):
         if u > busy:
             if current is None:
-                current = Period(t0, t0 + bin_s, [])
-            elif idle_since is not None:
-                current.bins.extend(x for s, x in use if current.end <= s < t0)
+                current = Period(starts[k], starts[k] + bin_s, [])
+            elif idle_from is not None:
+                current.bins.extend(use[idle_from:k])   # a short pause inside it
             current.bins.append(u)
-            current.end = t0 + bin_s
-            idle_since = None
+            current.end = starts[k] + bin_s
+            idle_from = None
         elif current is not None:
-            if idle_since is None:
-                idle_since = t0
-            if t0 + bin_s - idle_since >= gap:
+            if idle_from is None:
+                idle_from = k
+            if starts[k] + bin_s - starts[idle_from] >= gap:
                 periods.append(current)
-                current, idle_since = None, None
+                current, idle_from = None, None
     if current is not None:
         periods.append(current)
     return periods

@@ -1052,8 +1052,9 @@ class HolderView:
     object :meth:`SQLitePieceStore.check_piece` just verified.  The view
     keeps the last ``cache_pieces`` pieces it read or stored: a session
     serves one piece as many 16 KiB blocks, and a piece just received is the
-    one neighbours ask for next.  Pieces are immutable (content addressed), so the cache is
-    only invalidated by :meth:`SQLitePieceStore.cleanup` (``generation``).
+    one neighbours ask for next.  Pieces are immutable (content addressed),
+    so the cache is only invalidated by :meth:`SQLitePieceStore.cleanup`
+    (``generation``).
     """
 
     def __init__(self, store: SQLitePieceStore, round: int, holder: int,
