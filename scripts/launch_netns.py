@@ -6,7 +6,9 @@ behind a bridge, its uplink and downlink capped with ``tc tbf``
 is removed afterwards, also when the run fails or is interrupted.  Needs
 root.  Prints each process's exit code and, per round, the exchange time in
 wall seconds next to the all-gather lower bound T_LB for the configured
-rates and the round's model sizes, and eta = T_LB / T.
+rates and the round's model sizes, and eta = T_LB / T; beside them how long
+the busiest client's uplink needed for what it uploaded, and the clients'
+mean (``uplink_seconds``: where a round's gap to T_LB goes).
 
     sudo python scripts/launch_netns.py --cfg configs/cnn_distributed.yaml --clients 8 \\
         --up 100 --down 150 [--slow-half 20] [--out exp/netns] [KEY VALUE ...]
@@ -146,6 +148,30 @@ def run_all(a: argparse.Namespace, n: int, out: Path, trees: list, hosts: Shaped
                 print(result.log_tail(), file=sys.stderr)
 
 
+def uplink_seconds(row: dict, up_mbit: dict) -> Optional[tuple]:
+    """(seconds, client, mean seconds): how long the busiest client's uplink
+    needed for the bytes it uploaded in round ``row`` at its configured rate
+    (``up_mbit``: client id -> Mbit/s), and the mean over the clients.  None
+    for a row without ``bytes_up``.
+
+    Why: it splits a round's T.  T can be no shorter than the busiest
+    uplink's seconds (tbf adds about 4.5 % of framing on top); the busiest
+    minus the mean is what uneven upload shares cost; T minus the busiest is
+    time that uplink was not sending (the start, the ramp, the tail)."""
+    sent = row.get("bytes_up")
+    if not sent:
+        return None
+    times = {}
+    for c, nbytes in sent.items():
+        rate = up_mbit.get(int(c))
+        if not rate or rate <= 0:
+            raise ValueError(f"bytes_up: client {c!r} has no configured upload rate "
+                             f"(rates for {sorted(up_mbit)})")
+        times[int(c)] = nbytes / (rate * MBIT)
+    busiest = max(times, key=times.get)
+    return times[busiest], busiest, sum(times.values()) / len(times)
+
+
 def report(a: argparse.Namespace, n: int, up: dict, slow: dict, results: list) -> None:
     """The machine, the links and every round's T, T_LB and eta."""
     print(f"machine: {platform.platform()}, {os.cpu_count()} cpus, "
@@ -157,15 +183,18 @@ def report(a: argparse.Namespace, n: int, up: dict, slow: dict, results: list) -
            f", tcp_slow_start_after_idle={a.slow_start_after_idle}"))
     links = {c: LinkProfile(up=up[c] * MBIT, down=a.down * MBIT, latency=0.0)
              for c in range(1, n + 1)}
-    print("\n| tree | run | round | reason | T wall s | T_LB s | eta | completion |")
-    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    print("\n| tree | run | round | reason | T wall s | T_LB s | eta | completion "
+          "| busiest uplink s (client) | mean uplink s |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for name, rep_i, result in results:
         for r in result.rounds:
             shares = {c: r["model_bytes"] / n for c in range(1, n + 1)}   # one model each
             t_lb = lower_bound(shares, links)
             t = r["exchange_time"]
+            ups = uplink_seconds(r, up)
+            busy = f"{ups[0]:.3f} ({ups[1]}) | {ups[2]:.3f}" if ups else "- | -"
             print(f"| {name} | {rep_i} | {r['round']} | {r['reason']} | {t:.3f} | "
-                  f"{t_lb:.3f} | {t_lb / t:.3f} | {r['completion_ratio']:.2f} |")
+                  f"{t_lb:.3f} | {t_lb / t:.3f} | {r['completion_ratio']:.2f} | {busy} |")
 
 
 if __name__ == "__main__":
