@@ -8,7 +8,11 @@ root.  Prints each process's exit code and, per round, the exchange time in
 wall seconds next to the all-gather lower bound T_LB for the configured
 rates and the round's model sizes, and eta = T_LB / T; beside them how long
 the busiest client's uplink needed for what it uploaded, and the clients'
-mean (``uplink_seconds``: where a round's gap to T_LB goes).
+mean (``uplink_seconds``: where a round's gap to T_LB goes), and the
+machine's CPU load and steal over the round's exchange (``cpu_load``: on
+a small machine the round times move with both).  Per tree, a summary of
+the rounds from the second on: median and range of eta, how many reach
+0.9, and the median load.
 
     sudo python scripts/launch_netns.py --cfg configs/cnn_distributed.yaml --clients 8 \\
         --up 100 --down 150 [--slow-half 20] [--out exp/netns] [KEY VALUE ...]
@@ -32,6 +36,7 @@ import argparse
 import logging
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +46,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
+from cpu_load import CpuSampler, load_during  # noqa: E402
 from netns_hosts import ShapedHosts, cleanup_namespaces, is_root  # noqa: E402
 
 from fs_bittorrent.launch import plan, run  # noqa: E402
@@ -90,6 +96,7 @@ def main(argv=None) -> int:
         extra = [x for kv in kvs for x in kv.split("=", 1)]
         trees.append((name, path, extra))
     results = []
+    cpu = CpuSampler().start()
     with ShapedHosts(n + 1, up_mbit=a.up, down_mbit=a.down, up_overrides=slow,
                      burst_kbit=a.burst_kbit,
                      slow_start_after_idle=a.slow_start_after_idle) as hosts:
@@ -98,7 +105,8 @@ def main(argv=None) -> int:
             run_all(a, n, out, trees, hosts, results)
         finally:
             stop_wire_trace(tracer)
-    report(a, n, up, slow, results)
+            cpu.stop()
+    report(a, n, up, slow, results, cpu.samples)
     if a.wire_trace:
         import wire_trace
         trace = wire_trace.load(a.wire_trace)
@@ -172,7 +180,32 @@ def uplink_seconds(row: dict, up_mbit: dict) -> Optional[tuple]:
     return times[busiest], busiest, sum(times.values()) / len(times)
 
 
-def report(a: argparse.Namespace, n: int, up: dict, slow: dict, results: list) -> None:
+def round_load(row: dict, samples: list) -> Optional[tuple]:
+    """(busy, steal): the machine's mean CPU load over round ``row``'s
+    exchange, from the server's ``started_wall`` for ``exchange_time``
+    seconds; None where the row has no start time (a tree from before
+    ``started_wall``) or the sampler did not cover it."""
+    start = row.get("started_wall")
+    if start is None:
+        return None
+    return load_during(samples, float(start), float(row["exchange_time"]))
+
+
+def tree_summary(etas: list, loads: list) -> str:
+    """One line for a tree's rounds from the second on: median, range and
+    how many of the etas reach 0.9; the median CPU load and steal."""
+    if not etas:
+        return "no rounds after the first"
+    line = (f"{len(etas)} rounds: median eta {statistics.median(etas):.3f} "
+            f"({min(etas):.3f}-{max(etas):.3f}), {sum(e >= 0.9 for e in etas)} >= 0.9")
+    if loads:
+        line += (f"; CPU busy median {100 * statistics.median(b for b, _ in loads):.0f} %, "
+                 f"steal {100 * statistics.median(s for _, s in loads):.1f} %")
+    return line
+
+
+def report(a: argparse.Namespace, n: int, up: dict, slow: dict, results: list,
+           cpu_samples: Optional[list] = None) -> None:
     """The machine, the links and every round's T, T_LB and eta."""
     print(f"machine: {platform.platform()}, {os.cpu_count()} cpus, "
           f"Python {platform.python_version()}")
@@ -184,18 +217,28 @@ def report(a: argparse.Namespace, n: int, up: dict, slow: dict, results: list) -
     links = {c: LinkProfile(up=up[c] * MBIT, down=a.down * MBIT, latency=0.0)
              for c in range(1, n + 1)}
     print("\n| tree | run | round | reason | T wall s | T_LB s | eta | completion "
-          "| busiest uplink s (client) | mean uplink s |")
-    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+          "| busiest uplink s (client) | mean uplink s | CPU busy % | steal % |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    later: dict = {}
     for name, rep_i, result in results:
+        etas, loads = later.setdefault(name, ([], []))
         for r in result.rounds:
             shares = {c: r["model_bytes"] / n for c in range(1, n + 1)}   # one model each
             t_lb = lower_bound(shares, links)
             t = r["exchange_time"]
             ups = uplink_seconds(r, up)
             busy = f"{ups[0]:.3f} ({ups[1]}) | {ups[2]:.3f}" if ups else "- | -"
+            load = round_load(r, cpu_samples or [])
+            cpu = f"{100 * load[0]:.0f} | {100 * load[1]:.1f}" if load else "- | -"
             print(f"| {name} | {rep_i} | {r['round']} | {r['reason']} | {t:.3f} | "
-                  f"{t_lb:.3f} | {t_lb / t:.3f} | {r['completion_ratio']:.2f} | {busy} |")
-
+                  f"{t_lb:.3f} | {t_lb / t:.3f} | {r['completion_ratio']:.2f} | {busy} | {cpu} |")
+            if r["round"] >= 1:
+                etas.append(t_lb / t)
+                if load:
+                    loads.append(load)
+    print()
+    for name, (etas, loads) in later.items():
+        print(f"{name}: {tree_summary(etas, loads)}")
 
 if __name__ == "__main__":
     sys.exit(main())

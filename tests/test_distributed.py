@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -41,13 +42,18 @@ def client_db(out: Path, cid: int) -> Path:
     return found[0]
 
 
+RUN_WINDOW: list = []           # Unix times the three_rounds run began and ended
+
+
 @pytest.fixture(scope="module")
 def three_rounds(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     out = tmp / "out"
     env = dict(os.environ, FS_BITTORRENT_PROGRESS="1")     # bars into the log files
+    began = time.time()
     result = run(plan(toy_distributed_cfg(tmp, rounds=3), 4, out, DIST_OPTS), timeout=240,
                  env=env)
+    RUN_WINDOW[:] = [began, time.time()]
     return out, result
 
 
@@ -59,6 +65,10 @@ def test_four_client_processes_three_rounds_all_exit_zero(three_rounds):
         assert r["reason"] == "complete" and r["clock"] == "wall"
         assert r["completion_ratio"] == 1.0
         assert set(r["completion"]) == {"1", "2", "3", "4"}
+    # each round's Unix start time, in order, within the run (what launch_netns
+    # lines up with the machine's CPU load)
+    starts = [r["started_wall"] for r in result.rounds]
+    assert RUN_WINDOW[0] < starts[0] < starts[1] < starts[2] < RUN_WINDOW[1]
 
 
 def test_every_client_holds_every_piece_bit_exactly(three_rounds):

@@ -36,6 +36,7 @@ def test_standalone_run_every_client_gets_every_piece(tmp_path, clients):
         assert set(s["completion"]) == {str(c) for c in range(1, clients + 1)}
         assert all(v == 1.0 for v in s["completion"].values())
         assert s["clock"] == "virtual" and s["t_lb"] > 0 and 0 < s["eta"] <= 1
+        assert s["started_wall"] is None          # no wall-clock start in virtual time
         # the latency-aware bound beside it: T_LB + 3 x the 5 ms latency
         assert s["t_lb_lat"] == pytest.approx(s["t_lb"] + 3 * 0.005)
         assert s["eta"] < s["eta_lat"] <= 1

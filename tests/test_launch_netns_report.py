@@ -30,3 +30,26 @@ def test_a_client_without_a_rate_is_named_and_the_row_is_untouched():
     with pytest.raises(ValueError, match=r"bytes_up: client '9'"):
         launch_netns.uplink_seconds(row, {1: 100.0, 2: 100.0})
     assert row == before
+
+
+def test_a_rounds_load_is_the_mean_over_its_exchange():
+    from cpu_load import CpuSample
+    samples = [CpuSample(100.0, 100.5, busy=0.6, steal=0.02),
+               CpuSample(100.5, 101.0, busy=0.8, steal=0.04)]
+    row = {"round": 1, "started_wall": 100.0, "exchange_time": 1.0}
+    busy, steal = launch_netns.round_load(row, samples)
+    assert busy == pytest.approx(0.7) and steal == pytest.approx(0.03)
+
+
+def test_a_row_without_a_start_time_has_no_load():
+    # rounds written by a tree from before started_wall, or standalone (virtual clock)
+    assert launch_netns.round_load({"round": 1, "exchange_time": 1.0}, []) is None
+    assert launch_netns.round_load({"round": 1, "started_wall": None,
+                                    "exchange_time": 1.0}, []) is None
+
+
+def test_the_tree_summary_counts_rounds_at_or_above_target():
+    line = launch_netns.tree_summary([0.85, 0.9, 0.95], [(0.6, 0.01), (0.8, 0.03)])
+    assert line == ("3 rounds: median eta 0.900 (0.850-0.950), 2 >= 0.9; "
+                    "CPU busy median 70 %, steal 2.0 %")
+    assert launch_netns.tree_summary([], []) == "no rounds after the first"

@@ -33,6 +33,7 @@ import gc
 import json
 import logging
 import os
+import time
 from collections import deque
 from typing import Any, Callable, Optional, Protocol
 
@@ -637,6 +638,7 @@ class ServerManager(BitTorrentManager):
         self._addresses: dict[int, str] = {}         # client -> data plane host:port
         self._certificates: dict[int, str] = {}      # client -> its TLS certificate (base64)
         self._uplinks: dict[int, float] = {}         # client -> its last measured uplink, B/s
+        self._started_wall: dict[int, float] = {}    # round -> Unix time its bt_start left
         self._armed: set[float] = set()              # coordinator deadlines with a timer
         # The last round's figures wait for the clients' final counts (bt_stats).
         self._pending_stats: Optional[dict] = None
@@ -888,6 +890,7 @@ class ServerManager(BitTorrentManager):
             self._progress_have = dict(have)
             total = sum(have.values()) * len(a.participants)
             self.progress.start(a.round, total - sum(have.values()))
+        self._started_wall[a.round] = time.time()
         self._send(self._message(wire.MSG_START, list(a.participants), a.round,
                                  wire.pack_start(a.round, a.manifests, neighbours, a.timeout,
                                                  addresses, certificates, uplinks)))
@@ -940,6 +943,7 @@ class ServerManager(BitTorrentManager):
         completion_time = max((r.exchange_time for r in e.reports.values() if r.complete),
                               default=e.exchange_time)
         exchange_time = completion_time if e.reason == "complete" else e.exchange_time
+        started_wall = self._started_wall.pop(e.round, None)
         t_lb = t_lb_lat = None
         if self.links and sizes and all(c in self.links for c in e.participants):
             shares = {c: sizes.get(c, 0) for c in e.participants}
@@ -949,6 +953,9 @@ class ServerManager(BitTorrentManager):
         return {
             "round": e.round, "reason": e.reason, "clock": "virtual" if self.links else "wall",
             "exchange_time": exchange_time,
+            # Unix time the server sent the round's bt_start (wall clock
+            # only): lines a round up with what else the machine did then
+            "started_wall": None if self.links else started_wall,
             "completion_ratio": e.completion_ratio,
             "completion": {str(c): r.completion for c, r in sorted(e.reports.items())},
             "bytes_up": {str(c): r.bytes_up for c, r in sorted(e.reports.items())},
