@@ -191,9 +191,16 @@ def round_load(row: dict, samples: list) -> Optional[tuple]:
     return load_during(samples, float(start), float(row["exchange_time"]))
 
 
+#: Steal above this over a round's exchange is flagged in the summary: the
+#: round measured the hypervisor's share of the machine as much as the
+#: exchange (docs/benchmarks.md, ninth session: eta falls with steal).
+STEAL_WARN = 0.10
+
+
 def tree_summary(etas: list, loads: list) -> str:
     """One line for a tree's rounds from the second on: median, range and
-    how many of the etas reach 0.9; the median CPU load and steal."""
+    how many of the etas reach 0.9; the median CPU load and steal, and how
+    many rounds had more than ``STEAL_WARN`` steal."""
     if not etas:
         return "no rounds after the first"
     line = (f"{len(etas)} rounds: median eta {statistics.median(etas):.3f} "
@@ -201,6 +208,10 @@ def tree_summary(etas: list, loads: list) -> str:
     if loads:
         line += (f"; CPU busy median {100 * statistics.median(b for b, _ in loads):.0f} %, "
                  f"steal {100 * statistics.median(s for _, s in loads):.1f} %")
+        stolen = sum(s > STEAL_WARN for _, s in loads)
+        if stolen:
+            line += (f"; {stolen} of {len(loads)} rounds with steal above "
+                     f"{100 * STEAL_WARN:.0f} %: the machine, not only the exchange, set them")
     return line
 
 

@@ -53,3 +53,9 @@ def test_the_tree_summary_counts_rounds_at_or_above_target():
     assert line == ("3 rounds: median eta 0.900 (0.850-0.950), 2 >= 0.9; "
                     "CPU busy median 70 %, steal 2.0 %")
     assert launch_netns.tree_summary([], []) == "no rounds after the first"
+
+
+def test_rounds_with_high_steal_are_flagged():
+    line = launch_netns.tree_summary([0.8, 0.9], [(0.6, 0.25), (0.7, 0.05)])
+    assert line.endswith("; 1 of 2 rounds with steal above 10 %: the machine, "
+                         "not only the exchange, set them")
