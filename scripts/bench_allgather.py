@@ -62,6 +62,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
+from cpu_load import CpuSampler, load_during  # noqa: E402
 from netns_hosts import LocalHosts, ShapedHosts  # noqa: E402
 
 log = logging.getLogger("bench_allgather")
@@ -132,6 +133,7 @@ class RunResult:
     cpu: Optional[float] = None                  # Σ ranks, CPU s during the transfer
     cpu_sys: Optional[float] = None              # its kernel part
     first: Optional[float] = None                # first rank to finish, s after t0
+    steal: Optional[float] = None                # the machine's steal over the transfer
     note: str = ""
     per_rank: list[dict] = field(default_factory=list)
 
@@ -204,6 +206,7 @@ def run_once(impl: str, hosts: Any, spec_base: dict, args: argparse.Namespace,
     events: "queue.Queue" = queue.Queue()
     workers: list[_Worker] = []
     logs = []
+    sampler: Optional[CpuSampler] = None
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     try:
@@ -224,15 +227,19 @@ def run_once(impl: str, hosts: Any, spec_base: dict, args: argparse.Namespace,
         if err:
             return RunResult(impl, False, note=err + _tail(logs))
         t0 = time.monotonic() + 0.2
+        wall0 = time.time() + 0.2                # t0 on the clock cpu_load samples with
         peers = [[hosts[r].ip, ready[r]["port"]] for r in range(n)]
         certs = [ready[r].get("cert", "") for r in range(n)]
+        sampler = CpuSampler().start()
         for w in workers:
             w.send({"cmd": "go", "t0": t0, "peers": peers, "certs": certs})
         done: dict[int, dict] = {}
         err = _collect(events, "done", ranks, args.timeout + 10, done)
+        sampler.stop()
         if err:
             return RunResult(impl, False, note=err + _tail(logs))
         T = max(d["t_done"] for d in done.values()) - t0
+        load = load_during(sampler.samples, wall0, T) if T > 0 else None
         first = min(d["t_done"] for d in done.values()) - t0
         conns = [d["t_connected"] - t0 for d in done.values() if "t_connected" in d]
         setup = max(conns) if conns and impl != "libtorrent" else None
@@ -255,9 +262,12 @@ def run_once(impl: str, hosts: Any, spec_base: dict, args: argparse.Namespace,
         notes = ([f"ranks {incomplete} incomplete at the {args.timeout:g} s timeout"]
                  if incomplete else []) + ([f"NOT bit-exact: {bad}"] if bad else [])
         res = RunResult(impl, not (bad or incomplete), T, setup, cpu, cpu_sys, first,
+                        steal=load[1] if load else None,
                         note="; ".join(notes), per_rank=[done[r] for r in range(n)])
         return res
     finally:
+        if sampler is not None:
+            sampler.stop()
         hosts.kill_processes(grace=2.0)
 
 
@@ -317,13 +327,13 @@ def fmt(x: Optional[float], digits: int = 3) -> str:
 def print_table(case: str, results: dict[str, list[RunResult]], t_lb: Optional[float]) -> None:
     print(f"\n{case}\n")
     print("| impl | runs ok | T s (median) | T s (min–max) | T_LB s | η (median T) | "
-          "first rank done s | setup s | CPU s Σranks (sys) | notes |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          "first rank done s | setup s | CPU s Σranks (sys) | steal % | notes |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for impl, runs in results.items():
         oks = [r for r in runs if r.ok and r.T is not None]
         notes = "; ".join(sorted({r.note.splitlines()[0] for r in runs if r.note}))
         if not oks:
-            print(f"| {impl} | 0/{len(runs)} | FAILED | | {fmt(t_lb)} | | | | | {notes} |")
+            print(f"| {impl} | 0/{len(runs)} | FAILED | | {fmt(t_lb)} | | | | | | {notes} |")
             continue
         ts = [r.T for r in oks]
         med = statistics.median(ts)
@@ -335,8 +345,10 @@ def print_table(case: str, results: dict[str, list[RunResult]], t_lb: Optional[f
         if sys_:
             cpu += f" ({statistics.median(sys_):.2f})"
         first = fmt(statistics.median([r.first for r in oks if r.first is not None]))
+        steals = [r.steal for r in oks if r.steal is not None]
+        steal = fmt(100 * statistics.median(steals), 1) if steals else "—"
         print(f"| {impl} | {len(oks)}/{len(runs)} | {med:.3f} | {min(ts):.3f}–{max(ts):.3f} | "
-              f"{fmt(t_lb)} | {eta} | {first} | {setup} | {cpu} | {notes} |")
+              f"{fmt(t_lb)} | {eta} | {first} | {setup} | {cpu} | {steal} | {notes} |")
 
 
 def profile_report(job_dir: str, top: int) -> str:
