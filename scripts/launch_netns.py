@@ -96,11 +96,11 @@ def main(argv=None) -> int:
         extra = [x for kv in kvs for x in kv.split("=", 1)]
         trees.append((name, path, extra))
     results = []
-    cpu = CpuSampler().start()
     with ShapedHosts(n + 1, up_mbit=a.up, down_mbit=a.down, up_overrides=slow,
                      burst_kbit=a.burst_kbit,
                      slow_start_after_idle=a.slow_start_after_idle) as hosts:
         tracer = start_wire_trace(hosts, a.wire_trace, a.timeout * a.repeat * len(trees))
+        cpu = CpuSampler().start()
         try:
             run_all(a, n, out, trees, hosts, results)
         finally:
