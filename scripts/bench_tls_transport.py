@@ -46,6 +46,8 @@ from fs_bittorrent.net.tls import LocalIdentity  # noqa: E402
 MIB = 1 << 20
 BLOCK = 64 * 1024
 HEADER = b"\0" * 13
+HANDSHAKE_TIMEOUT = 10.0
+RUN_TIMEOUT = 300.0            # a run that stalls ends with TimeoutError, not a hang
 
 
 class _Counter:
@@ -76,6 +78,7 @@ class LeanTLS(asyncio.BufferedProtocol):
         self.plain = bytearray(256 * 1024)
         self.handshaken = asyncio.get_running_loop().create_future()
         self.transport: Optional[asyncio.Transport] = None
+        self._writable: Optional[asyncio.Future] = None    # set while the transport is paused
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport                       # type: ignore[assignment]
@@ -122,6 +125,20 @@ class LeanTLS(asyncio.BufferedProtocol):
         self.ssl.write(b"".join(parts))
         self._flush()
 
+    # flow control, as asyncio's streams have it: the transport pauses us
+    # above its high-water mark and resumes us below the low one
+    def pause_writing(self) -> None:
+        self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        self._writable = None
+
+    async def drain(self) -> None:
+        if self._writable is not None:
+            await self._writable
+
     def connection_lost(self, exc: Optional[Exception]) -> None:
         pass
 
@@ -158,7 +175,7 @@ async def run_streams(tls: bool, total: int, slice_: int, ident: LocalIdentity) 
         await writer.start_tls(ident.client_context, server_hostname="")
     t0 = time.process_time()
     await _paced_send(writer.writelines, writer.drain, total, slice_)
-    await counter.done
+    await asyncio.wait_for(counter.done, RUN_TIMEOUT)
     cpu = time.process_time() - t0
     writer.close()
     server.close()
@@ -179,17 +196,12 @@ async def run_lean(total: int, slice_: int, ident: LocalIdentity) -> tuple:
     port = server.sockets[0].getsockname()[1]
     _, client = await loop.create_connection(
         lambda: LeanTLS(ident.client_context, False, None), "127.0.0.1", port)
-    await client.handshaken
-    while not accepted or not accepted[0].handshaken.done():
-        await asyncio.sleep(0.001)
-
-    async def drain() -> None:
-        while client.transport.get_write_buffer_size() > 64 * 1024:
-            await asyncio.sleep(0)
-
+    # the client's handshake ends after the server's protocol read its hello
+    await asyncio.wait_for(client.handshaken, HANDSHAKE_TIMEOUT)
+    await asyncio.wait_for(accepted[0].handshaken, HANDSHAKE_TIMEOUT)
     t0 = time.process_time()
-    await _paced_send(client.write, drain, total, slice_)
-    await counter.done
+    await _paced_send(client.write, client.drain, total, slice_)
+    await asyncio.wait_for(counter.done, RUN_TIMEOUT)
     cpu = time.process_time() - t0
     client.transport.close()
     server.close()

@@ -251,5 +251,6 @@ def report(a: argparse.Namespace, n: int, up: dict, slow: dict, results: list,
     for name, (etas, loads) in later.items():
         print(f"{name}: {tree_summary(etas, loads)}")
 
+
 if __name__ == "__main__":
     sys.exit(main())
