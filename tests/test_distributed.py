@@ -279,3 +279,25 @@ def test_data_plane_times_out_silent_connections_while_training_runs(offloaded):
         assert events["dropped_at"] < events["trained_at"]       # mid-training
     else:
         assert events["dropped_at"] > events["trained_at"]       # deaf until training ended
+
+
+def test_a_client_whose_store_cannot_open_stops_the_run_with_the_reason(tmp_path):
+    """Client 2's piece store cannot open (a directory sits at its path).
+    The store opens with the client's first manifest, in a send handed back
+    to the loop from the training thread, where no caller is left to raise
+    into: the client used to log it and carry on, never publishing, and the
+    federation waited ``manifest_timeout`` (600 s) for it.  Now the client
+    stops with the reason and the launcher stops the run at once."""
+    out, db = tmp_path / "out", tmp_path / "db"
+    (db / "client_2.db").mkdir(parents=True)
+    began = time.time()
+    result = run(plan(toy_distributed_cfg(tmp_path, rounds=3), 4, out,
+                      DIST_OPTS + ["bittorrent.db_dir", str(db)]), timeout=90)
+    took = time.time() - began
+    assert not result.ok and not result.timed_out, result.log_tail()
+    failed = [p for p in result.participants if p.returncode == 1]
+    assert len(failed) == 1, result.exit_codes()
+    log_text = failed[0].log_path.read_text()
+    assert "ClientFailed: client 2:" in log_text and "client_2.db" in log_text
+    assert took < 90, took             # not the 600 s manifest_timeout
+    assert (db / "client_2.db").is_dir()   # nothing of the user's was touched

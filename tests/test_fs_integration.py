@@ -250,3 +250,41 @@ def test_round_headlines_in_fs_result_file(tmp_path):
         assert h["exchange_time"] == s["exchange_time"] and h["eta"] == s["eta"]
         assert h["completion_ratio"] == s["completion_ratio"] == 1.0
         assert h["bytes_total"] == sum(s["bytes_down"].values()) > 0
+
+
+@pytest.mark.parametrize("old_rounds, warning", [
+    (1, "holds another manifest for round 0 owner"),   # round 0 collides, owner by owner
+    (4, "holds rounds [2, 3] of an earlier run"),      # later rounds would outlive ours
+])
+def test_a_reused_store_directory_runs_as_a_fresh_one(tmp_path, old_rounds, warning):
+    """A new experiment in the ``db_dir`` of an earlier one (other seed,
+    other models) used to stop at the first (round, owner) the old run had
+    stored (a different manifest is refused), or, with later rounds left in
+    the file, to lose its own rounds to ``cleanup`` (it keeps the newest).
+    Now the old run's rounds are dropped with a warning, and the run equals
+    the same run with an empty directory: models, figures and store."""
+    from fs_bittorrent.store.sqlite_store import SQLitePieceStore
+    shared = str(tmp_path / "shared_db")
+    run_experiment(toy_cfg(tmp_path, rounds=old_rounds, name="old"),
+                   BT + ["bittorrent.db_dir", shared, "seed", "1"])
+    reused, _ = run_experiment(toy_cfg(tmp_path, name="reused"),
+                               BT + ["bittorrent.db_dir", shared, "seed", "2"])
+    assert warning in (Path(reused.cfg.outdir) / "exp_print.log").read_text()
+    fresh, _ = run_experiment(toy_cfg(tmp_path, name="fresh"), BT + ["seed", "2"])
+    a, b = client_models(reused), client_models(fresh)
+    assert a.keys() == b.keys()
+    for cid in a:
+        assert all(torch.equal(a[cid][k], b[cid][k]) for k in b[cid])
+    # all but the store's size and the control bytes (bt_stats names the store's path)
+    strip = lambda stats: [{k: v for k, v in s.items()  # noqa: E731
+                            if not k.startswith("store") and k != "server_bytes"}
+                           for s in stats]
+    assert strip(round_stats(reused)) == strip(round_stats(fresh))
+    assert all(s["reason"] == "complete" for s in round_stats(reused))
+    with SQLitePieceStore(os.path.join(shared, "pieces.db")) as mine, \
+            SQLitePieceStore(os.path.join(fresh.settings.db_dir, "pieces.db")) as ref:
+        assert mine.rounds() == ref.rounds() == [1, 2]
+        for r in (1, 2):
+            assert mine.manifests(r) == ref.manifests(r)
+            for holder in range(1, 5):
+                assert mine.held_pieces(r, holder) == ref.held_pieces(r, holder)

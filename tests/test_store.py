@@ -446,6 +446,94 @@ def test_cleanup_drops_old_rounds_and_unreferenced_blobs(store):
         assert e.value.field == "keep_rounds"
 
 
+def _fill_rounds(store, rounds, owners=(0, 1), holders=(0, 1, 2), n=3, seed=0):
+    """Every owner's pieces of every round at every holder, plus sessions;
+    returns {(round, owner): (manifest, pieces)} as stored."""
+    out = {}
+    for rnd in rounds:
+        for o in owners:
+            m, pieces = make_owner(o, rnd, n, seed=seed)
+            store.put_manifest(m)
+            for h in holders:
+                for i, p in enumerate(pieces):
+                    store.put_piece(rnd, o, i, h, p)
+            out[(rnd, o)] = (m, pieces)
+        for h in holders:
+            store.begin_session(rnd, h)
+    return out
+
+
+def test_drop_rounds_from_forgets_that_round_and_later_ones_only(tmp_path, writer):
+    with SQLitePieceStore(tmp_path / "p.db", batch_size=1000, writer_thread=writer) as s:
+        kept = _fill_rounds(s, (1, 2, 3, 4))
+        view = s.holder_view(3, 0)
+        assert view.get(0, 0) == kept[(3, 0)][1][0]             # cached in the view
+        assert s.pending_count > 0                              # queued pieces flushed first
+        result = s.drop_rounds_from(3)
+        assert result["rounds"] == [3, 4]
+        assert result["chunks"] == 2 * 2 * 3 * 3 and result["manifests"] == 4
+        assert result["sessions"] == 2 * 3 and result["blobs"] == 2 * 2 * 3
+        assert s.rounds() == [1, 2] and s.pending_count == 0
+        assert view.get(0, 0) is None                           # the view forgot it
+        for rnd in (3, 4):
+            assert s.held_pieces(rnd, 0) == set() and s.manifests(rnd) == []
+            with pytest.raises(StoreError):
+                s.get_session(rnd, 0)
+        for (rnd, o), (m, pieces) in kept.items():
+            if rnd < 3:
+                assert s.get_manifest(rnd, o) == m
+                assert [s.get_piece(rnd, o, i, 2) for i in range(3)] == pieces
+                assert s.get_session(rnd, 2)["state"] == "running"
+        # a round of a later run goes in where the old one was
+        m, pieces = make_owner(0, 3, 3, seed=5)
+        s.put_manifest(m)
+        s.put_piece(3, 0, 0, 1, pieces[0])
+        assert s.get_piece(3, 0, 0, 1) == pieces[0]
+        assert s.drop_rounds_from(9)["rounds"] == []            # nothing that late: a no-op
+
+
+def test_drop_owner_lets_a_different_manifest_in_and_keeps_the_rest(tmp_path, writer):
+    with SQLitePieceStore(tmp_path / "p.db", batch_size=4, writer_thread=writer) as s:
+        kept = _fill_rounds(s, (1, 2))
+        new, pieces = make_owner(1, 2, 4, seed=7)               # another run's round 2
+        with pytest.raises(StoreError) as e:
+            s.put_manifest(new)
+        assert e.value.field == "digest"
+        result = s.drop_owner(2, 1)
+        assert result["manifests"] == 1 and result["chunks"] == 3 * 3
+        assert result["blobs"] == 3
+        with pytest.raises(StoreError) as e:
+            s.get_manifest(2, 1)
+        assert e.value.field == "owner"
+        assert s.held_pieces(2, 0) == {(0, 0), (0, 1), (0, 2)}  # the other owner's stay
+        assert s.get_session(2, 0)["state"] == "running"        # sessions stay
+        s.put_manifest(new)
+        s.put_piece(2, 1, 3, 0, pieces[3])
+        assert s.get_piece(2, 1, 3, 0) == pieces[3]
+        for (rnd, o), (m, old) in kept.items():
+            if (rnd, o) != (2, 1):
+                assert s.get_manifest(rnd, o) == m
+                assert [s.get_piece(rnd, o, i, 1) for i in range(3)] == old
+
+
+@pytest.mark.parametrize("call, field", [
+    (lambda s: s.drop_rounds_from(-1), "first_round"),
+    (lambda s: s.drop_rounds_from("2"), "first_round"),
+    (lambda s: s.drop_owner(-3, 0), "round"),
+    (lambda s: s.drop_owner(1, None), "owner"),
+])
+def test_drop_refuses_bad_arguments_and_keeps_everything(tmp_path, call, field):
+    with SQLitePieceStore(tmp_path / "p.db") as s:
+        kept = _fill_rounds(s, (1, 2))
+        with pytest.raises(StoreError) as e:
+            call(s)
+        assert e.value.field == field
+        assert s.rounds() == [1, 2]
+        for (rnd, o), (m, pieces) in kept.items():
+            assert s.get_manifest(rnd, o) == m
+            assert [s.get_piece(rnd, o, i, 0) for i in range(3)] == pieces
+
+
 def test_cleanup_flushes_queued_pieces_first(tmp_path, writer):
     with SQLitePieceStore(tmp_path / "p.db", batch_size=100, writer_thread=writer) as s:
         for rnd in (1, 2):

@@ -167,6 +167,17 @@ async def wait_for_listener(host: str, port: int, timeout: float) -> None:
         return
 
 
+class ClientFailed(RuntimeError):
+    """A client cannot go on (one of its sends failed off the handler's
+    path): its process stops with this error, and the launcher stops the
+    run, instead of every participant waiting for a message that will
+    never come."""
+
+    def __init__(self, client: Any, cause: BaseException) -> None:
+        super().__init__(f"client {client}: {type(cause).__name__}: {cause}")
+        self.client, self.cause = client, cause
+
+
 class LoopSends:
     """Route a worker's sends made off the loop's thread back onto it.
 
@@ -174,19 +185,38 @@ class LoopSends:
     ``comm_manager.send`` (the trained ``model_para``, evaluation metrics);
     the manager's hook behind it writes the store and the manifest, which
     belong to the loop's thread.  ``call_soon_threadsafe`` queues the send
-    ahead of the handler's completion, so order is kept."""
+    ahead of the handler's completion, so order is kept.
 
-    def __init__(self, worker: Any, loop: asyncio.AbstractEventLoop) -> None:
+    A send that fails there has no caller left to raise into (asyncio would
+    only log it, and the client would carry on without, say, its manifest
+    ever reaching the server: the federation would wait for it forever).
+    The failure is kept in :attr:`failure` and ``on_failure`` is called;
+    the client's loop then stops with it (:func:`serve_client`)."""
+
+    def __init__(self, worker: Any, loop: asyncio.AbstractEventLoop,
+                 on_failure: Optional[Callable[[], None]] = None) -> None:
         self._send = worker.comm_manager.send
         self._loop = loop
         self._thread = threading.get_ident()
+        self.on_failure = on_failure
+        self.failure: Optional[BaseException] = None
         worker.comm_manager.send = self
 
     def __call__(self, message: Any) -> None:
         if threading.get_ident() == self._thread:
             self._send(message)
         else:
-            self._loop.call_soon_threadsafe(self._send, message)
+            self._loop.call_soon_threadsafe(self._send_here, message)
+
+    def _send_here(self, message: Any) -> None:
+        try:
+            self._send(message)
+        except Exception as exc:
+            log.error("sending %s failed: %s", getattr(message, "msg_type", message), exc)
+            if self.failure is None:
+                self.failure = exc
+            if self.on_failure is not None:
+                self.on_failure()
 
 
 async def run_offloaded(pool: concurrent.futures.Executor, worker: Any, msg: Message) -> None:
@@ -223,7 +253,7 @@ async def serve_client(worker: Any, inbox: Inbox) -> None:
         os.path.join(settings.db_dir, f"client_{worker.ID}.db")))
     log.info("client data plane listening on %s (%s)", plane.address,
              f"TLS 1.3, certificate sha256 {identity.fingerprint}" if identity else "plaintext")
-    LoopSends(worker, loop)
+    sends = LoopSends(worker, loop, on_failure=inbox.wake)
     # Messages to the server (manifest, progress, report, stats) leave from
     # a thread on a kept channel: a blocking RPC on the loop stalled the
     # uploads to every peer still fetching from this client.
@@ -238,7 +268,12 @@ async def serve_client(worker: Any, inbox: Inbox) -> None:
                                 int(worker._cfg.distribute.server_port), SERVER_WAIT)
         worker.join_in()
         while True:
-            msg = parse(await inbox.get())
+            request = await inbox.get()
+            if sends.failure is not None:
+                raise ClientFailed(worker.ID, sends.failure) from sends.failure
+            if request is None:
+                continue
+            msg = parse(request)
             if worker.state <= msg.state or msg.msg_type == "finish":
                 if msg.msg_type in OFFLOADED:
                     await run_offloaded(pool, worker, msg)

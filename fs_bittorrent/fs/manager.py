@@ -40,6 +40,7 @@ from typing import Any, Callable, Optional, Protocol
 
 from ..core.coordinator import CompletionReport, RoundCoordinator, RoundEnd, StartExchange
 from ..core.layout import SwarmLayout
+from ..core.manifest import Manifest
 from ..core.messages import Message as PeerMessage
 from ..core.picker import pace_uploads, plan_where_uplinks_differ
 from ..core.pieces import make_model_manifest
@@ -263,7 +264,7 @@ class ClientManager(BitTorrentManager):
         manifest, pieces = make_model_manifest(flat, owner=self.worker.ID,
                                                round=round_idx, sample_count=int(sample_size),
                                                piece_size=self.settings.piece_size)
-        self.store.put_manifest(manifest)
+        self._store_manifests(round_idx, [manifest])
         for k, data in enumerate(pieces):
             self.store.put_piece(round_idx, self.worker.ID, k, self.worker.ID, data,
                                  manifest.piece_hashes[k])
@@ -273,6 +274,45 @@ class ClientManager(BitTorrentManager):
                                                self.certificate))
         out.timestamp = message.timestamp   # FS's simulated time: FS's arrival order
         self._send(out)
+
+    def _store_manifests(self, round_idx: int, manifests: list[Manifest]) -> None:
+        """Store ``round_idx``'s manifests, replacing what an earlier run left.
+
+        A reused ``db_dir`` (or a restarted client) hands this process a file
+        an earlier run wrote.  What matches is kept (a resumed round fetches
+        only what it lacks).  What cannot be this run's is dropped, with a
+        warning: rounds later than the first one this process stores (a run
+        never goes back, and ``cleanup`` keeps the *newest* rounds, so they
+        would push this run's own rounds out), and a (round, owner) whose
+        stored manifest differs from the one this run publishes or relays,
+        when this process did not store it.  A difference in a manifest this
+        process stored itself is a real conflict: the store refuses it."""
+        store = self.store
+        # round -> owners stored through this store object (in standalone the
+        # in-process clients share it), i.e. by this process
+        written = getattr(store, "bt_stored_owners", None)
+        if written is None:
+            written = store.bt_stored_owners = {}
+        mine = written.get(round_idx)
+        if mine is None:
+            mine = written[round_idx] = set()
+            if len(written) == 1:
+                later = [r for r in store.rounds() if r > round_idx]
+                if later:
+                    log.warning("client %s: the piece store %s holds rounds %s of an earlier "
+                                "run; dropping them", self.worker.ID,
+                                getattr(store, "path", ""), later)
+                    store.drop_rounds_from(later[0])
+        stored = {m.owner: m for m in store.manifests(round_idx)}
+        for m in manifests:
+            old = stored.get(m.owner)
+            if old is not None and m.owner not in mine and old.encode() != m.encode():
+                log.warning("client %s: the piece store %s holds another manifest for round "
+                            "%s owner %s (an earlier run's); replacing it", self.worker.ID,
+                            getattr(store, "path", ""), round_idx, m.owner)
+                store.drop_owner(round_idx, m.owner)
+        store.put_manifests(manifests)
+        mine.update(m.owner for m in manifests)
 
     # ---- exchange ----------------------------------------------------------------
     def on_start(self, message: Any) -> None:
@@ -296,7 +336,7 @@ class ClientManager(BitTorrentManager):
         round_idx, manifests, neighbours = start.round, start.manifests, start.neighbours
         timeout, addresses, certificates = start.timeout, start.addresses, start.certificates
         measured = start.uplinks
-        self.store.put_manifests(m for m in manifests if m.owner != me)
+        self._store_manifests(round_idx, [m for m in manifests if m.owner != me])
         self.round = round_idx
         self.layout = SwarmLayout(tuple(manifests), experiment=experiment_name(self.worker._cfg))
         storage = self.store.holder_view(round_idx, me)

@@ -92,7 +92,7 @@ from ..errors import BitTorrentError, HashMismatch, StoreError
 from . import writer_lock
 
 __all__ = ["SQLitePieceStore", "HolderView", "SCHEMA_VERSION", "SESSION_FIELDS",
-           "delete_rounds", "give_space_back"]
+           "delete_rounds", "delete_rows", "give_space_back"]
 
 Bytes = Union[bytes, bytearray, memoryview]
 
@@ -990,13 +990,62 @@ class SQLitePieceStore:
                 cutoff = dropped[-1] if dropped else -1
                 counts.update(delete_rounds(self._wconn, "round <= ?", (cutoff,)))
             if dropped:
-                cutoff = dropped[-1]
-                for key in [k for k in self._manifests if k[0] <= cutoff]:
-                    del self._manifests[key]
-                self.generation += 1
-            if counts["blobs"]:
+                self._forget_cached(lambda key: key[0] <= cutoff, counts)
+            elif counts["blobs"]:
                 self._recent.clear()
             return counts
+
+    def drop_rounds_from(self, first_round: int) -> dict[str, Any]:
+        """Forget ``first_round`` and every later round: their chunks,
+        sessions and manifests, and every blob no chunk references any more;
+        then give the space back (as :meth:`cleanup`, and returning the same
+        counts).
+
+        For a file that holds rounds an earlier run wrote (a reused
+        ``db_dir``): a run never holds a round later than its current one,
+        and :meth:`cleanup` keeps the *newest* rounds, so such rounds, left
+        alone, would outlive the run's own and be served as its own."""
+        r = _uint("first_round", first_round)
+        with self._lock:
+            self._check_open()
+            self.flush()
+            dropped = [x for x in self.rounds() if x >= r]
+            counts: dict[str, Any] = {"rounds": dropped}
+            with self._wlock:
+                counts.update(delete_rounds(self._wconn, "round >= ?", (r,)))
+            self._forget_cached(lambda key: key[0] >= r, counts)
+            return counts
+
+    def drop_owner(self, round: int, owner: int) -> dict[str, Any]:
+        """Forget ``owner``'s manifest for ``round`` and every holder's copy
+        of its pieces (session records stay), and every blob no chunk
+        references any more; then give the space back.
+
+        A (round, owner) holds one manifest for good (:meth:`put_manifests`
+        refuses a different one, since the stored pieces were verified
+        against it); this is the explicit way to replace it, for a slot an
+        earlier run left in the file.  Returns rows deleted per kind."""
+        r, o = _uint("round", round), _uint("owner", owner)
+        with self._lock:
+            self._check_open()
+            self.flush()
+            with self._wlock:
+                counts = delete_rows(self._wconn, [
+                    ("chunks", "bt_chunks", "round = ? AND source = ?", (r, o)),
+                    ("manifests", "bt_manifests", "round = ? AND owner = ?", (r, o))])
+            self._forget_cached(lambda key: key == (r, o), counts)
+            return counts
+
+    def _forget_cached(self, dropped: Callable[[tuple[int, int]], bool],
+                       counts: dict[str, Any]) -> None:
+        """After a deletion: drop the cached manifests of the deleted
+        (round, owner) keys and invalidate the holder views' piece caches
+        (caller holds _lock)."""
+        for key in [k for k in self._manifests if dropped(k)]:
+            del self._manifests[key]
+        self.generation += 1
+        if counts.get("blobs"):
+            self._recent.clear()
 
     def stats(self) -> dict[str, Any]:
         """Rows per table, stored vs. logical bytes, pages and file sizes."""
@@ -1124,10 +1173,19 @@ def delete_rounds(conn: sqlite3.Connection, where: str, params: tuple) -> dict[s
     references, in one transaction; then give the space back and truncate
     the WAL.  Used by :meth:`SQLitePieceStore.cleanup` and by
     ``fs-bittorrent clean``.  Returns rows deleted per kind and pages freed."""
+    return delete_rows(conn, [(what, table, where, params) for what, table in (
+        ("chunks", "bt_chunks"), ("sessions", "bt_sessions"), ("manifests", "bt_manifests"))])
+
+
+def delete_rows(conn: sqlite3.Connection,
+                deletes: list[tuple[str, str, str, tuple]]) -> dict[str, int]:
+    """Run ``DELETE FROM table WHERE where`` for each ``(name, table, where,
+    params)`` and delete every blob no chunk still references, in one
+    transaction; then give the space back and truncate the WAL.  Returns
+    rows deleted per name, ``blobs`` and ``pages_freed``."""
     counts: dict[str, int] = {}
     with _Tx(conn):
-        for what, table in (("chunks", "bt_chunks"), ("sessions", "bt_sessions"),
-                            ("manifests", "bt_manifests")):
+        for what, table, where, params in deletes:
             counts[what] = conn.execute(f"DELETE FROM {table} WHERE {where}", params).rowcount
         counts["blobs"] = conn.execute(
             "DELETE FROM bt_blobs WHERE NOT EXISTS "
