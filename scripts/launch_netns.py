@@ -40,13 +40,13 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from cpu_load import CpuSampler, load_during  # noqa: E402
+from cpu_load import CpuSampler, ProcessCpuSampler, cpu_during, load_during  # noqa: E402
 from netns_hosts import ShapedHosts, cleanup_namespaces, is_root  # noqa: E402
 
 from fs_bittorrent.launch import plan, run  # noqa: E402
@@ -101,12 +101,14 @@ def main(argv=None) -> int:
                      slow_start_after_idle=a.slow_start_after_idle) as hosts:
         tracer = start_wire_trace(hosts, a.wire_trace, a.timeout * a.repeat * len(trees))
         cpu = CpuSampler().start()
+        procs = ProcessCpuSampler(participant_label).start()
         try:
             run_all(a, n, out, trees, hosts, results)
         finally:
             stop_wire_trace(tracer)
             cpu.stop()
-    report(a, n, up, slow, results, cpu.samples)
+            procs.stop()
+    report(a, n, up, slow, results, cpu.samples, procs.samples)
     if a.wire_trace:
         import wire_trace
         trace = wire_trace.load(a.wire_trace)
@@ -191,16 +193,46 @@ def round_load(row: dict, samples: list) -> Optional[tuple]:
     return load_during(samples, float(start), float(row["exchange_time"]))
 
 
+def participant_label(cmdline: str, pid: int) -> Optional[str]:
+    """``server:<pid>`` / ``client:<pid>`` for a participant's process
+    (``fs_bittorrent run ... distribute.role R``), None for anything else."""
+    if "fs_bittorrent" not in cmdline:
+        return None
+    for role in ("server", "client"):
+        if f"distribute.role {role}" in cmdline:
+            return f"{role}:{pid}"
+    return None
+
+
+def round_cpu(row: dict, samples: list) -> Optional[tuple]:
+    """(client CPU s, server CPU s): the CPU time (user + system, all
+    threads) the mean client and the server used during round ``row``'s
+    exchange (as :func:`round_load`); None without a start time, samples
+    covering the window, or a client among them."""
+    start = row.get("started_wall")
+    if start is None:
+        return None
+    used = cpu_during(samples, float(start), float(row["exchange_time"]))
+    if not used:
+        return None
+    clients = [v for k, v in used.items() if k.startswith("client:")]
+    if not clients:
+        return None
+    server = sum(v for k, v in used.items() if k.startswith("server:"))
+    return sum(clients) / len(clients), server
+
+
 #: Steal above this over a round's exchange is flagged in the summary: the
 #: round measured the hypervisor's share of the machine as much as the
 #: exchange (docs/benchmarks.md, ninth session: eta falls with steal).
 STEAL_WARN = 0.10
 
 
-def tree_summary(etas: list, loads: list) -> str:
+def tree_summary(etas: list, loads: list, client_cpu: Sequence[float] = ()) -> str:
     """One line for a tree's rounds from the second on: median, range and
     how many of the etas reach 0.9; the median CPU load and steal, and how
-    many rounds had more than ``STEAL_WARN`` steal."""
+    many rounds had more than ``STEAL_WARN`` steal; the median CPU seconds
+    a client used per exchange (``client_cpu``)."""
     if not etas:
         return "no rounds after the first"
     line = (f"{len(etas)} rounds: median eta {statistics.median(etas):.3f} "
@@ -212,11 +244,14 @@ def tree_summary(etas: list, loads: list) -> str:
         if stolen:
             line += (f"; {stolen} of {len(loads)} rounds with steal above "
                      f"{100 * STEAL_WARN:.0f} %: the machine, not only the exchange, set them")
+    if client_cpu:
+        line += (f"; CPU per client and exchange median "
+                 f"{1000 * statistics.median(client_cpu):.0f} ms")
     return line
 
 
 def report(a: argparse.Namespace, n: int, up: dict, slow: dict, results: list,
-           cpu_samples: Optional[list] = None) -> None:
+           cpu_samples: Optional[list] = None, proc_samples: Optional[list] = None) -> None:
     """The machine, the links and every round's T, T_LB and eta."""
     print(f"machine: {platform.platform()}, {os.cpu_count()} cpus, "
           f"Python {platform.python_version()}")
@@ -228,11 +263,12 @@ def report(a: argparse.Namespace, n: int, up: dict, slow: dict, results: list,
     links = {c: LinkProfile(up=up[c] * MBIT, down=a.down * MBIT, latency=0.0)
              for c in range(1, n + 1)}
     print("\n| tree | run | round | reason | T wall s | T_LB s | eta | completion "
-          "| busiest uplink s (client) | mean uplink s | CPU busy % | steal % |")
-    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| busiest uplink s (client) | mean uplink s | CPU busy % | steal % "
+          "| CPU ms per client | server CPU ms |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     later: dict = {}
     for name, rep_i, result in results:
-        etas, loads = later.setdefault(name, ([], []))
+        etas, loads, client_cpu = later.setdefault(name, ([], [], []))
         for r in result.rounds:
             shares = {c: r["model_bytes"] / n for c in range(1, n + 1)}   # one model each
             t_lb = lower_bound(shares, links)
@@ -241,15 +277,20 @@ def report(a: argparse.Namespace, n: int, up: dict, slow: dict, results: list,
             busy = f"{ups[0]:.3f} ({ups[1]}) | {ups[2]:.3f}" if ups else "- | -"
             load = round_load(r, cpu_samples or [])
             cpu = f"{100 * load[0]:.0f} | {100 * load[1]:.1f}" if load else "- | -"
+            used = round_cpu(r, proc_samples or [])
+            procs = f"{1000 * used[0]:.0f} | {1000 * used[1]:.0f}" if used else "- | -"
             print(f"| {name} | {rep_i} | {r['round']} | {r['reason']} | {t:.3f} | "
-                  f"{t_lb:.3f} | {t_lb / t:.3f} | {r['completion_ratio']:.2f} | {busy} | {cpu} |")
+                  f"{t_lb:.3f} | {t_lb / t:.3f} | {r['completion_ratio']:.2f} | {busy} | {cpu} "
+                  f"| {procs} |")
             if r["round"] >= 1:
                 etas.append(t_lb / t)
                 if load:
                     loads.append(load)
+                if used:
+                    client_cpu.append(used[0])
     print()
-    for name, (etas, loads) in later.items():
-        print(f"{name}: {tree_summary(etas, loads)}")
+    for name, (etas, loads, client_cpu) in later.items():
+        print(f"{name}: {tree_summary(etas, loads, client_cpu)}")
 
 
 if __name__ == "__main__":

@@ -59,3 +59,32 @@ def test_rounds_with_high_steal_are_flagged():
     line = launch_netns.tree_summary([0.8, 0.9], [(0.6, 0.25), (0.7, 0.05)])
     assert line.endswith("; 1 of 2 rounds with steal above 10 %: the machine, "
                          "not only the exchange, set them")
+
+
+def test_participants_are_labelled_by_role_and_pid_and_nothing_else_is():
+    label = launch_netns.participant_label
+    cmd = "/x/python -m fs_bittorrent run --cfg c.yaml distribute.use True distribute.role {}"
+    assert label(cmd.format("server"), 7) == "server:7"
+    assert label(cmd.format("client"), 8) == "client:8"
+    assert label("ip netns exec h3 " + cmd.format("client"), 9) == "client:9"
+    assert label("python scripts/launch_netns.py --cfg c.yaml", 10) is None
+    assert label("python other.py distribute.role client", 11) is None
+
+
+def test_a_rounds_cpu_is_the_mean_client_and_the_server_over_its_exchange():
+    from cpu_load import ProcSample
+    samples = [ProcSample(99.0, {"client:1": 0.0, "client:2": 0.0, "server:9": 0.0}),
+               ProcSample(101.5, {"client:1": 0.5, "client:2": 0.3, "server:9": 0.05})]
+    row = {"round": 1, "started_wall": 99.0, "exchange_time": 2.5}
+    clients, server = launch_netns.round_cpu(row, samples)
+    assert clients == pytest.approx(0.4) and server == pytest.approx(0.05)
+    assert launch_netns.round_cpu({"round": 1, "exchange_time": 1.0}, samples) is None
+    assert launch_netns.round_cpu(row, []) is None
+    only_server = [ProcSample(s.time, {"server:9": s.cpu["server:9"]}) for s in samples]
+    assert launch_netns.round_cpu(row, only_server) is None
+
+
+def test_the_tree_summary_gives_the_median_cpu_per_client_and_exchange():
+    line = launch_netns.tree_summary([0.85, 0.9, 0.95], [(0.6, 0.01), (0.8, 0.03)],
+                                     [0.21, 0.25, 0.23])
+    assert line.endswith("; CPU per client and exchange median 230 ms")
