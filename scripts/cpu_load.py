@@ -59,22 +59,24 @@ def _read() -> tuple[int, int, int]:
         return parse_cpu_line(f.readline())
 
 
-class CpuSampler:
-    """Samples the machine's load every ``period`` seconds in a thread, from
-    :meth:`start` to :meth:`stop` (bounded: it stops by itself after
-    ``max_seconds``)."""
+class _PeriodicSampler:
+    """A sampling thread run from :meth:`start` to :meth:`stop`, every
+    ``period`` seconds (bounded: it stops by itself after ``max_seconds``);
+    subclasses fill ``samples`` in ``_run``."""
+
+    thread_name = "sampler"
 
     def __init__(self, period: float = 0.05, max_seconds: float = 7200.0) -> None:
         if not period > 0:
             raise ValueError(f"period: {period!r} must be > 0")
         self.period = period
         self.max_seconds = max_seconds
-        self.samples: list[CpuSample] = []
+        self.samples: list = []
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
-    def start(self) -> "CpuSampler":
-        self._thread = threading.Thread(target=self._run, name="cpu-load", daemon=True)
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
         self._thread.start()
         return self
 
@@ -82,6 +84,16 @@ class CpuSampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+
+    def _run(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class CpuSampler(_PeriodicSampler):
+    """Samples the machine's load (:class:`CpuSample`) every ``period``
+    seconds in a thread, from :meth:`start` to :meth:`stop`."""
+
+    thread_name = "cpu-load"
 
     def _run(self) -> None:
         t0 = last_t = time.time()
@@ -150,35 +162,21 @@ def _cmdline(pid: str) -> Optional[str]:
         return None
 
 
-class ProcessCpuSampler:
+class ProcessCpuSampler(_PeriodicSampler):
     """Samples the CPU time of the processes ``label_of(cmdline)`` names
     (None: not one of ours) every ``period`` seconds in a thread, looking
     for new ones every ``discover_every`` seconds; bounded by
     ``max_seconds``.  A label names one process: include the pid where
     several processes play one role."""
 
+    thread_name = "proc-cpu"
+
     def __init__(self, label_of: Callable[[str, int], Optional[str]], period: float = 0.05,
                  discover_every: float = 0.5, max_seconds: float = 7200.0) -> None:
-        if not period > 0:
-            raise ValueError(f"period: {period!r} must be > 0")
+        super().__init__(period, max_seconds)
         self.label_of = label_of
-        self.period = period
         self.discover_every = discover_every
-        self.max_seconds = max_seconds
-        self.samples: list[ProcSample] = []
         self._pids: dict[str, str] = {}          # pid -> label
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-
-    def start(self) -> "ProcessCpuSampler":
-        self._thread = threading.Thread(target=self._run, name="proc-cpu", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
 
     def discover(self) -> None:
         for pid in os.listdir("/proc"):
