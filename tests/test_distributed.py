@@ -301,3 +301,52 @@ def test_a_client_whose_store_cannot_open_stops_the_run_with_the_reason(tmp_path
     assert "ClientFailed: client 2:" in log_text and "client_2.db" in log_text
     assert took < 90, took             # not the 600 s manifest_timeout
     assert (db / "client_2.db").is_dir()   # nothing of the user's was touched
+
+
+# Run as ``python -c FULL_DISK python -m fs_bittorrent run ...`` (the launcher's
+# wrap prefix): the client's store commits inline, and from its first batch of
+# received pieces on every commit fails as SQLite does on a full disk.
+FULL_DISK = """
+import runpy, sqlite3, sys
+from fs_bittorrent.store.sqlite_store import SQLitePieceStore
+init, commit = SQLitePieceStore.__init__, SQLitePieceStore._commit
+failed = []
+def inline(self, *a, **kw):
+    init(self, *a, **{**kw, "writer_thread": False})
+def full_disk(self, batch):
+    if failed or any(source != holder for _r, source, _i, holder, *_ in batch.rows):
+        failed.append(1)
+        raise sqlite3.OperationalError("database or disk is full")
+    return commit(self, batch)
+SQLitePieceStore.__init__, SQLitePieceStore._commit = inline, full_disk
+sys.argv = ["fs_bittorrent"] + sys.argv[4:]
+runpy.run_module("fs_bittorrent", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_client_whose_disk_fills_mid_exchange_stops_and_blames_no_peer(tmp_path):
+    """One client's store cannot commit once the exchange has filled a
+    batch with received pieces (its next ``put`` raises
+    ``StoreError("flush")``): that client stops with ``ClientFailed`` naming
+    the store's error, blames and drops no peer (it used to take the error
+    for the sending peer's, one peer after the other), and the launcher
+    stops the run at once."""
+    import sys
+    out = tmp_path / "out"
+    # 4-byte pieces: a client receives more than a batch (64) a round
+    opts = DIST_OPTS + ["bittorrent.piece_size", "4", "bittorrent.block_size", "4"]
+    wrap = lambda role, i: [sys.executable, "-c", FULL_DISK] \
+        if (role, i) == ("client", 2) else []                 # noqa: E731
+    began = time.time()
+    result = run(plan(toy_distributed_cfg(tmp_path, rounds=3), 4, out, opts, wrap=wrap),
+                 timeout=90)
+    took = time.time() - began
+    assert not result.ok and not result.timed_out, result.log_tail()
+    failed = [p for p in result.participants if p.returncode == 1]
+    assert [p.index for p in failed] == [2], result.exit_codes()
+    text = failed[0].log_path.read_text()
+    assert "its piece store failed in round 0" in text, text[-3000:]
+    assert re.search(r"ClientFailed: client \d: StoreError: flush=\d+: commit failed", text)
+    assert "database or disk is full" in text
+    assert "from peer" not in text                         # nobody blamed, nobody dropped
+    assert took < 90, took

@@ -288,3 +288,43 @@ def test_a_reused_store_directory_runs_as_a_fresh_one(tmp_path, old_rounds, warn
             assert mine.manifests(r) == ref.manifests(r)
             for holder in range(1, 5):
                 assert mine.held_pieces(r, holder) == ref.held_pieces(r, holder)
+
+
+def test_a_store_that_cannot_commit_mid_exchange_stops_the_run_and_blames_no_peer(
+        tmp_path, monkeypatch):
+    """The disk fills during an exchange: from the first batch holding a
+    received piece on, every commit fails as SQLite fails on a full disk,
+    and the next ``put`` raises ``StoreError("flush")``.  That is this
+    client's own failure: it used to be taken for the sending peer's (a
+    warning, the peer dropped, then the next one, until the round's end);
+    now the client stops and the run ends with the store's error, no peer
+    blamed or dropped."""
+    import sqlite3
+    from fs_bittorrent.errors import StoreError
+    from fs_bittorrent.store.sqlite_store import SQLitePieceStore
+    original = SQLitePieceStore._commit
+    failed = []
+
+    def full_disk(self, batch):
+        if failed or any(source != holder for _r, source, _i, holder, *_ in batch.rows):
+            failed.append(len(batch.rows))
+            raise sqlite3.OperationalError("database or disk is full")
+        return original(self, batch)
+
+    monkeypatch.setattr(SQLitePieceStore, "_commit", full_disk)
+    # Commits inline (the store's writer_thread=False mode): the simulated
+    # exchange runs in milliseconds of wall time, faster than a committer
+    # thread would report its failure; in a real-time exchange it is there
+    # long before the next piece.
+    init = SQLitePieceStore.__init__
+    monkeypatch.setattr(SQLitePieceStore, "__init__",
+                        lambda self, *a, **kw: init(self, *a, **{**kw, "writer_thread": False}))
+    cfg = toy_cfg(tmp_path)
+    opts = BT + ["bittorrent.piece_size", "16", "bittorrent.block_size", "16"]
+    with pytest.raises(StoreError) as e:
+        run_experiment(cfg, opts)
+    assert e.value.field == "flush" and "database or disk is full" in str(e.value)
+    assert failed and failed[0] == 64               # a full batch: sealed mid-exchange
+    text = "".join(p.read_text() for p in (tmp_path / "exp").rglob("exp_print.log"))
+    assert "its piece store failed in round 0" in text
+    assert "from peer" not in text                  # nobody blamed, nobody dropped

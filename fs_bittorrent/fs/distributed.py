@@ -169,9 +169,9 @@ async def wait_for_listener(host: str, port: int, timeout: float) -> None:
 
 class ClientFailed(RuntimeError):
     """A client cannot go on (one of its sends failed off the handler's
-    path): its process stops with this error, and the launcher stops the
-    run, instead of every participant waiting for a message that will
-    never come."""
+    path, or its store failed during an exchange): its process stops with
+    this error, and the launcher stops the run, instead of every
+    participant waiting for a message that will never come."""
 
     def __init__(self, client: Any, cause: BaseException) -> None:
         super().__init__(f"client {client}: {type(cause).__name__}: {cause}")
@@ -254,6 +254,7 @@ async def serve_client(worker: Any, inbox: Inbox) -> None:
     log.info("client data plane listening on %s (%s)", plane.address,
              f"TLS 1.3, certificate sha256 {identity.fingerprint}" if identity else "plaintext")
     sends = LoopSends(worker, loop, on_failure=inbox.wake)
+    bt.on_failure = inbox.wake           # its store failed mid-exchange (a full disk)
     # Messages to the server (manifest, progress, report, stats) leave from
     # a thread on a kept channel: a blocking RPC on the loop stalled the
     # uploads to every peer still fetching from this client.
@@ -269,8 +270,9 @@ async def serve_client(worker: Any, inbox: Inbox) -> None:
         worker.join_in()
         while True:
             request = await inbox.get()
-            if sends.failure is not None:
-                raise ClientFailed(worker.ID, sends.failure) from sends.failure
+            failure = sends.failure or bt.failure
+            if failure is not None:
+                raise ClientFailed(worker.ID, failure) from failure
             if request is None:
                 continue
             msg = parse(request)

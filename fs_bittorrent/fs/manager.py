@@ -46,7 +46,7 @@ from ..core.picker import pace_uploads, plan_where_uplinks_differ
 from ..core.pieces import make_model_manifest
 from ..core.session import Close, SwarmSession
 from ..core.topology import openings
-from ..errors import BitTorrentError, HandshakeRequired
+from ..errors import BitTorrentError, HandshakeRequired, StoreError
 from ..net.uplink import UplinkEstimate
 from ..sim.swarm import lower_bound, lower_bound_latency
 from . import monitoring, wire
@@ -165,6 +165,8 @@ class ClientManager(BitTorrentManager):
         self._pieces_seen = 0
         self._progress_sent = (-1, -1.0)          # (pieces, time) of the last bt_progress
         self.aggregate_cache: Optional[dict] = None  # shared by in-process clients
+        self.failure: Optional[BaseException] = None  # the store failed: see _store_failed
+        self.on_failure: Optional[Callable[[], None]] = None   # set by a distributed host
         # Builds the round's session: SwarmSession, or a host's stand-in with
         # the same interface (the standalone runner's flow level).
         self.session_factory: Callable[..., Any] = SwarmSession
@@ -438,8 +440,13 @@ class ClientManager(BitTorrentManager):
             log.debug("client %s: dropping %s for round %s (current %s)", self.worker.ID,
                       type(msg).__name__, round_idx, self.round)
             return
+        if self.failure is not None:
+            return                           # stopping: see _store_failed
         try:
             out = session.handle(sender, msg, self.now())
+        except StoreError as exc:
+            self._store_failed(exc)
+            return
         except BitTorrentError as exc:
             self.protocol_errors += 1
             level = logging.DEBUG if isinstance(exc, HandshakeRequired) else logging.WARNING
@@ -450,6 +457,20 @@ class ClientManager(BitTorrentManager):
             return
         self._emit(out)
         self._check_done()
+
+    def _store_failed(self, exc: StoreError) -> None:
+        """This client's own store failed while the exchange stored a piece
+        (a full disk: a batch that could not commit fails the next ``put``).
+        Not the sending peer's doing, so no peer is blamed or dropped: the
+        client cannot go on and stops.  In distributed mode ``on_failure``
+        (set by the host) ends the process with the error; without one
+        (standalone) it is raised, and the run stops with it."""
+        log.error("client %s: its piece store failed in round %s: %s", self.worker.ID,
+                  self.round, exc)
+        self.failure = exc
+        if self.on_failure is None:
+            raise exc
+        self.on_failure()
 
     def peer_closed(self, peer: int, round_idx: int) -> None:
         """The host lost round ``round_idx``'s connection to ``peer``."""
