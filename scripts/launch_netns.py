@@ -10,9 +10,12 @@ rates and the round's model sizes, and eta = T_LB / T; beside them how long
 the busiest client's uplink needed for what it uploaded, and the clients'
 mean (``uplink_seconds``: where a round's gap to T_LB goes), and the
 machine's CPU load and steal over the round's exchange (``cpu_load``: on
-a small machine the round times move with both).  Per tree, a summary of
-the rounds from the second on: median and range of eta, how many reach
-0.9, and the median load.
+a small machine the round times move with both), and the CPU time the
+mean client and the server used in it (each participant's
+``/proc/<pid>/stat``: a CPU saving shows there directly).  Per tree, a
+summary of the rounds from the second on: median and range of eta, how
+many reach 0.9, the median load and the median CPU per client and
+exchange.
 
     sudo python scripts/launch_netns.py --cfg configs/cnn_distributed.yaml --clients 8 \\
         --up 100 --down 150 [--slow-half 20] [--out exp/netns] [KEY VALUE ...]
