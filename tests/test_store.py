@@ -947,3 +947,50 @@ def test_a_piece_its_check_verified_is_not_hashed_again_by_put(store, monkeypatc
     with pytest.raises(HashMismatch) as e:
         store.put_piece(7, 1, 2, 2, bad, m.piece_hashes[2])
     assert e.value.field == "data" and not store.has_piece(7, 1, 2, 2)
+
+
+# Run in a child process: a store whose files may not grow (RLIMIT_FSIZE: a
+# write past the limit fails with EFBIG, as on a full disk; Python ignores
+# SIGXFSZ).  Prints what each write raised and what the store reads after.
+FULL_DISK_WRITES = r"""
+import json, os, resource, sys
+sys.path.insert(0, sys.argv[2])
+from test_store import make_owner
+from fs_bittorrent.store import SQLitePieceStore
+path = sys.argv[1]
+out = {}
+with SQLitePieceStore(path) as s:
+    before, _ = make_owner(0, 1, 4)
+    s.put_manifest(before)
+    s.begin_session(1, 0)
+    limit = max(os.path.getsize(p) for p in (path, path + "-wal") if os.path.exists(p)) + 1024
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    big = [make_owner(o, 2, 2000)[0] for o in range(1, 4)]      # 3 x 2000 piece hashes
+    for name, write in (("manifests", lambda: s.put_manifests(big)),
+                        ("session", lambda: [s.begin_session(r, 5) for r in range(2, 400)])):
+        try:
+            write()
+            out[name] = None
+        except BaseException as e:
+            out[name] = [type(e).__name__, getattr(e, "field", None), str(e)]
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    out["kept"] = s.get_manifest(1, 0) == before and s.get_session(1, 0)["state"] == "running"
+    out["none_of_big"] = s.manifests(2) == []
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("resource"), "RLIMIT_FSIZE"),
+                    reason="no RLIMIT_FSIZE on this platform")
+def test_writes_on_a_full_disk_raise_a_store_error_naming_the_file_and_keep_the_rest(tmp_path):
+    path = str(tmp_path / "p.db")
+    res = subprocess.run([sys.executable, "-c", FULL_DISK_WRITES, path,
+                          os.path.dirname(__file__)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = __import__("json").loads(res.stdout.strip().splitlines()[-1])
+    for name, what in (("manifests", "storing manifests failed"),
+                       ("session", "writing a session record failed")):
+        kind, field, text = out[name]
+        assert (kind, field) == ("StoreError", "store"), out
+        assert path in text and what in text, out
+    assert out["kept"] and out["none_of_big"], out                   # all or nothing

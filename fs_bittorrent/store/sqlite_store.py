@@ -78,6 +78,7 @@ Design choices, and why:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import operator
 import os
@@ -85,7 +86,7 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 from ..core.manifest import Manifest
 from ..errors import BitTorrentError, HashMismatch, StoreError
@@ -611,7 +612,8 @@ class SQLitePieceStore:
                                      f"round {key[0]} owner {key[1]} already has a different "
                                      f"manifest")
             if new:
-                with self._wlock, _Tx(self._wconn) as conn:
+                with self._wlock, self._writing("storing manifests"), \
+                        _Tx(self._wconn) as conn:
                     conn.executemany(
                         "INSERT INTO bt_manifests(round, owner, digest, sample_count, "
                         "num_pieces, total_size, encoded) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -891,8 +893,19 @@ class SQLitePieceStore:
 
     def _write(self, sql: str, params: Any) -> sqlite3.Cursor:
         """One autocommit statement on the write connection (caller holds _lock)."""
-        with self._wlock:
+        with self._wlock, self._writing("writing a session record"):
             return self._wconn.execute(sql, params)
+
+    @contextlib.contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """SQLite's failure of a write (a full disk, an I/O error, a lock
+        held past the busy timeout) as a ``StoreError`` naming this store's
+        file, not a bare ``sqlite3`` error.  The write's transaction was
+        rolled back (``_Tx``), so what was stored stays as it was."""
+        try:
+            yield
+        except sqlite3.Error as e:
+            raise StoreError("store", self.path, f"{what} failed: {e}") from e
 
     def begin_session(self, round: int, peer: int, now: Optional[float] = None) -> None:
         """Start the session record of ``peer`` in ``round`` (state ``"running"``).
@@ -985,7 +998,7 @@ class SQLitePieceStore:
             self.flush()
             dropped = self.rounds()[:-keep_rounds]
             counts: dict[str, Any] = {"rounds": dropped}
-            with self._wlock:
+            with self._wlock, self._writing("cleanup"):
                 # nothing of round <= -1 exists: the blob sweep alone
                 cutoff = dropped[-1] if dropped else -1
                 counts.update(delete_rounds(self._wconn, "round <= ?", (cutoff,)))
@@ -1011,7 +1024,7 @@ class SQLitePieceStore:
             self.flush()
             dropped = [x for x in self.rounds() if x >= r]
             counts: dict[str, Any] = {"rounds": dropped}
-            with self._wlock:
+            with self._wlock, self._writing("dropping rounds"):
                 counts.update(delete_rounds(self._wconn, "round >= ?", (r,)))
             self._forget_cached(lambda key: key[0] >= r, counts)
             return counts
@@ -1029,7 +1042,7 @@ class SQLitePieceStore:
         with self._lock:
             self._check_open()
             self.flush()
-            with self._wlock:
+            with self._wlock, self._writing("dropping an owner's round"):
                 counts = delete_rows(self._wconn, [
                     ("chunks", "bt_chunks", "round = ? AND source = ?", (r, o)),
                     ("manifests", "bt_manifests", "round = ? AND owner = ?", (r, o))])
