@@ -1024,9 +1024,11 @@ class SQLitePieceStore:
             self.flush()
             dropped = [x for x in self.rounds() if x >= r]
             counts: dict[str, Any] = {"rounds": dropped}
-            with self._wlock, self._writing("dropping rounds"):
-                counts.update(delete_rounds(self._wconn, "round >= ?", (r,)))
-            self._forget_cached(lambda key: key[0] >= r, counts)
+            try:
+                with self._wlock, self._writing("dropping rounds"):
+                    counts.update(delete_rounds(self._wconn, "round >= ?", (r,)))
+            finally:        # the deletion may have committed before a later step failed
+                self._forget_cached(lambda key: key[0] >= r, counts)
             return counts
 
     def drop_owner(self, round: int, owner: int) -> dict[str, Any]:
@@ -1042,22 +1044,26 @@ class SQLitePieceStore:
         with self._lock:
             self._check_open()
             self.flush()
-            with self._wlock, self._writing("dropping an owner's round"):
-                counts = delete_rows(self._wconn, [
-                    ("chunks", "bt_chunks", "round = ? AND source = ?", (r, o)),
-                    ("manifests", "bt_manifests", "round = ? AND owner = ?", (r, o))])
-            self._forget_cached(lambda key: key == (r, o), counts)
+            counts: dict[str, Any] = {}
+            try:
+                with self._wlock, self._writing("dropping an owner's round"):
+                    counts = delete_rows(self._wconn, [
+                        ("chunks", "bt_chunks", "round = ? AND source = ?", (r, o)),
+                        ("manifests", "bt_manifests", "round = ? AND owner = ?", (r, o))])
+            finally:        # the deletion may have committed before a later step failed
+                self._forget_cached(lambda key: key == (r, o), counts)
             return counts
 
     def _forget_cached(self, dropped: Callable[[tuple[int, int]], bool],
                        counts: dict[str, Any]) -> None:
-        """After a deletion: drop the cached manifests of the deleted
-        (round, owner) keys and invalidate the holder views' piece caches
-        (caller holds _lock)."""
+        """After a deletion (or a failed one: forgetting is always safe,
+        these are caches of the database): drop the cached manifests of the
+        deleted (round, owner) keys and invalidate the holder views' piece
+        caches (caller holds _lock)."""
         for key in [k for k in self._manifests if dropped(k)]:
             del self._manifests[key]
         self.generation += 1
-        if counts.get("blobs"):
+        if counts.get("blobs", 1):
             self._recent.clear()
 
     def stats(self) -> dict[str, Any]:
