@@ -185,15 +185,22 @@ def uplink_seconds(row: dict, up_mbit: dict) -> Optional[tuple]:
     return times[busiest], busiest, sum(times.values()) / len(times)
 
 
-def round_load(row: dict, samples: list) -> Optional[tuple]:
-    """(busy, steal): the machine's mean CPU load over round ``row``'s
-    exchange, from the server's ``started_wall`` for ``exchange_time``
-    seconds; None where the row has no start time (a tree from before
-    ``started_wall``) or the sampler did not cover it."""
+def exchange_window(row: dict) -> Optional[tuple[float, float]]:
+    """(start, seconds) of round ``row``'s exchange in Unix time: from the
+    server's ``started_wall`` for ``exchange_time`` seconds; None where the
+    row has no start time (a tree from before ``started_wall``)."""
     start = row.get("started_wall")
     if start is None:
         return None
-    return load_during(samples, float(start), float(row["exchange_time"]))
+    return float(start), float(row["exchange_time"])
+
+
+def round_load(row: dict, samples: list) -> Optional[tuple]:
+    """(busy, steal): the machine's mean CPU load over round ``row``'s
+    exchange (:func:`exchange_window`); None without a window or where the
+    sampler did not cover it."""
+    window = exchange_window(row)
+    return None if window is None else load_during(samples, *window)
 
 
 def participant_label(cmdline: str, pid: int) -> Optional[str]:
@@ -210,12 +217,10 @@ def participant_label(cmdline: str, pid: int) -> Optional[str]:
 def round_cpu(row: dict, samples: list) -> Optional[tuple]:
     """(client CPU s, server CPU s): the CPU time (user + system, all
     threads) the mean client and the server used during round ``row``'s
-    exchange (as :func:`round_load`); None without a start time, samples
-    covering the window, or a client among them."""
-    start = row.get("started_wall")
-    if start is None:
-        return None
-    used = cpu_during(samples, float(start), float(row["exchange_time"]))
+    exchange (:func:`exchange_window`); None without a window, samples
+    covering it, or a client among them."""
+    window = exchange_window(row)
+    used = None if window is None else cpu_during(samples, *window)
     if not used:
         return None
     clients = [v for k, v in used.items() if k.startswith("client:")]

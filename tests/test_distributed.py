@@ -304,21 +304,14 @@ def test_a_client_whose_store_cannot_open_stops_the_run_with_the_reason(tmp_path
 
 
 # Run as ``python -c FULL_DISK python -m fs_bittorrent run ...`` (the launcher's
-# wrap prefix): the client's store commits inline, and from its first batch of
-# received pieces on every commit fails as SQLite does on a full disk.
-FULL_DISK = """
-import runpy, sqlite3, sys
+# wrap prefix): the client's store gets tests/store_faults.py's full disk.
+FULL_DISK = f"""
+import runpy, sys
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
 from fs_bittorrent.store.sqlite_store import SQLitePieceStore
-init, commit = SQLitePieceStore.__init__, SQLitePieceStore._commit
-failed = []
-def inline(self, *a, **kw):
-    init(self, *a, **{**kw, "writer_thread": False})
-def full_disk(self, batch):
-    if failed or any(source != holder for _r, source, _i, holder, *_ in batch.rows):
-        failed.append(1)
-        raise sqlite3.OperationalError("database or disk is full")
-    return commit(self, batch)
-SQLitePieceStore.__init__, SQLitePieceStore._commit = inline, full_disk
+from store_faults import full_disk_patches
+for name, replacement in full_disk_patches()[0].items():
+    setattr(SQLitePieceStore, name, replacement)
 sys.argv = ["fs_bittorrent"] + sys.argv[4:]
 runpy.run_module("fs_bittorrent", run_name="__main__", alter_sys=True)
 """

@@ -299,26 +299,14 @@ def test_a_store_that_cannot_commit_mid_exchange_stops_the_run_and_blames_no_pee
     warning, the peer dropped, then the next one, until the round's end);
     now the client stops and the run ends with the store's error, no peer
     blamed or dropped."""
-    import sqlite3
     from fs_bittorrent.errors import StoreError
     from fs_bittorrent.store.sqlite_store import SQLitePieceStore
-    original = SQLitePieceStore._commit
-    failed = []
-
-    def full_disk(self, batch):
-        if failed or any(source != holder for _r, source, _i, holder, *_ in batch.rows):
-            failed.append(len(batch.rows))
-            raise sqlite3.OperationalError("database or disk is full")
-        return original(self, batch)
-
-    monkeypatch.setattr(SQLitePieceStore, "_commit", full_disk)
-    # Commits inline (the store's writer_thread=False mode): the simulated
-    # exchange runs in milliseconds of wall time, faster than a committer
-    # thread would report its failure; in a real-time exchange it is there
-    # long before the next piece.
-    init = SQLitePieceStore.__init__
-    monkeypatch.setattr(SQLitePieceStore, "__init__",
-                        lambda self, *a, **kw: init(self, *a, **{**kw, "writer_thread": False}))
+    from store_faults import full_disk_patches
+    # Commits inline: the simulated exchange runs in milliseconds of wall
+    # time, faster than a committer thread would report its failure.
+    patches, failed = full_disk_patches()
+    for name, replacement in patches.items():
+        monkeypatch.setattr(SQLitePieceStore, name, replacement)
     cfg = toy_cfg(tmp_path)
     opts = BT + ["bittorrent.piece_size", "16", "bittorrent.block_size", "16"]
     with pytest.raises(StoreError) as e:

@@ -190,16 +190,15 @@ class LoopSends:
     A send that fails there has no caller left to raise into (asyncio would
     only log it, and the client would carry on without, say, its manifest
     ever reaching the server: the federation would wait for it forever).
-    The failure is kept in :attr:`failure` and ``on_failure`` is called;
-    the client's loop then stops with it (:func:`serve_client`)."""
+    The failure goes to ``on_failure`` (the manager's ``fail``); the
+    client's loop then stops with it (:func:`serve_client`)."""
 
     def __init__(self, worker: Any, loop: asyncio.AbstractEventLoop,
-                 on_failure: Optional[Callable[[], None]] = None) -> None:
+                 on_failure: Optional[Callable[[BaseException], None]] = None) -> None:
         self._send = worker.comm_manager.send
         self._loop = loop
         self._thread = threading.get_ident()
         self.on_failure = on_failure
-        self.failure: Optional[BaseException] = None
         worker.comm_manager.send = self
 
     def __call__(self, message: Any) -> None:
@@ -213,10 +212,9 @@ class LoopSends:
             self._send(message)
         except Exception as exc:
             log.error("sending %s failed: %s", getattr(message, "msg_type", message), exc)
-            if self.failure is None:
-                self.failure = exc
-            if self.on_failure is not None:
-                self.on_failure()
+            if self.on_failure is None:
+                raise
+            self.on_failure(exc)
 
 
 async def run_offloaded(pool: concurrent.futures.Executor, worker: Any, msg: Message) -> None:
@@ -253,8 +251,8 @@ async def serve_client(worker: Any, inbox: Inbox) -> None:
         os.path.join(settings.db_dir, f"client_{worker.ID}.db")))
     log.info("client data plane listening on %s (%s)", plane.address,
              f"TLS 1.3, certificate sha256 {identity.fingerprint}" if identity else "plaintext")
-    sends = LoopSends(worker, loop, on_failure=inbox.wake)
-    bt.on_failure = inbox.wake           # its store failed mid-exchange (a full disk)
+    bt.on_failure = inbox.wake           # bt.fail: the loop below stops with the cause
+    LoopSends(worker, loop, on_failure=bt.fail)
     # Messages to the server (manifest, progress, report, stats) leave from
     # a thread on a kept channel: a blocking RPC on the loop stalled the
     # uploads to every peer still fetching from this client.
@@ -270,9 +268,8 @@ async def serve_client(worker: Any, inbox: Inbox) -> None:
         worker.join_in()
         while True:
             request = await inbox.get()
-            failure = sends.failure or bt.failure
-            if failure is not None:
-                raise ClientFailed(worker.ID, failure) from failure
+            if bt.failure is not None:
+                raise ClientFailed(worker.ID, bt.failure) from bt.failure
             if request is None:
                 continue
             msg = parse(request)

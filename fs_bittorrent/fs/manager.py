@@ -165,7 +165,7 @@ class ClientManager(BitTorrentManager):
         self._pieces_seen = 0
         self._progress_sent = (-1, -1.0)          # (pieces, time) of the last bt_progress
         self.aggregate_cache: Optional[dict] = None  # shared by in-process clients
-        self.failure: Optional[BaseException] = None  # the store failed: see _store_failed
+        self.failure: Optional[BaseException] = None  # why this client stops: see fail
         self.on_failure: Optional[Callable[[], None]] = None   # set by a distributed host
         # Builds the round's session: SwarmSession, or a host's stand-in with
         # the same interface (the standalone runner's flow level).
@@ -441,7 +441,7 @@ class ClientManager(BitTorrentManager):
                       type(msg).__name__, round_idx, self.round)
             return
         if self.failure is not None:
-            return                           # stopping: see _store_failed
+            return                           # stopping: see fail
         try:
             out = session.handle(sender, msg, self.now())
         except StoreError as exc:
@@ -467,7 +467,15 @@ class ClientManager(BitTorrentManager):
         (standalone) it is raised, and the run stops with it."""
         log.error("client %s: its piece store failed in round %s: %s", self.worker.ID,
                   self.round, exc)
-        self.failure = exc
+        self.fail(exc)
+
+    def fail(self, exc: BaseException) -> None:
+        """This client cannot go on (its store failed, or a send failed
+        where no caller is left to raise into): keep the first cause, stop
+        handling peer messages, and let the host stop the process
+        (``on_failure``); without a host hook (standalone) raise it."""
+        if self.failure is None:
+            self.failure = exc
         if self.on_failure is None:
             raise exc
         self.on_failure()

@@ -1023,13 +1023,10 @@ class SQLitePieceStore:
             self._check_open()
             self.flush()
             dropped = [x for x in self.rounds() if x >= r]
-            counts: dict[str, Any] = {"rounds": dropped}
-            try:
-                with self._wlock, self._writing("dropping rounds"):
-                    counts.update(delete_rounds(self._wconn, "round >= ?", (r,)))
-            finally:        # the deletion may have committed before a later step failed
-                self._forget_cached(lambda key: key[0] >= r, counts)
-            return counts
+            counts = self._drop("dropping rounds",
+                                lambda: delete_rounds(self._wconn, "round >= ?", (r,)),
+                                lambda key: key[0] >= r)
+            return {"rounds": dropped, **counts}
 
     def drop_owner(self, round: int, owner: int) -> dict[str, Any]:
         """Forget ``owner``'s manifest for ``round`` and every holder's copy
@@ -1044,15 +1041,24 @@ class SQLitePieceStore:
         with self._lock:
             self._check_open()
             self.flush()
-            counts: dict[str, Any] = {}
-            try:
-                with self._wlock, self._writing("dropping an owner's round"):
-                    counts = delete_rows(self._wconn, [
-                        ("chunks", "bt_chunks", "round = ? AND source = ?", (r, o)),
-                        ("manifests", "bt_manifests", "round = ? AND owner = ?", (r, o))])
-            finally:        # the deletion may have committed before a later step failed
-                self._forget_cached(lambda key: key == (r, o), counts)
-            return counts
+            return self._drop("dropping an owner's round", lambda: delete_rows(self._wconn, [
+                ("chunks", "bt_chunks", "round = ? AND source = ?", (r, o)),
+                ("manifests", "bt_manifests", "round = ? AND owner = ?", (r, o))]),
+                lambda key: key == (r, o))
+
+    def _drop(self, what: str, delete: Callable[[], dict],
+              dropped: Callable[[tuple[int, int]], bool]) -> dict[str, Any]:
+        """Run ``delete`` on the write connection (SQLite's failures as
+        ``StoreError`` naming ``what``), then forget the cached manifests
+        ``dropped`` names, also when a step after the deletion failed: it
+        may have committed first (caller holds _lock, has flushed)."""
+        counts: dict[str, Any] = {}
+        try:
+            with self._wlock, self._writing(what):
+                counts = delete()
+        finally:
+            self._forget_cached(dropped, counts)
+        return counts
 
     def _forget_cached(self, dropped: Callable[[tuple[int, int]], bool],
                        counts: dict[str, Any]) -> None:
