@@ -407,6 +407,11 @@ class SimNetwork:
         self.protocol_errors = 0
         self.on_error: Optional[Callable[[int, int, Exception], None]] = None
         self._waking: set[int] = set()  # paced peers with a wake-up scheduled
+        #: peer id -> virtual time its round begins (start skew: the
+        #: coordinator's ``bt_start`` reaches clients at different times).
+        #: Before it, the peer sends nothing, and what reaches it waits, as
+        #: the TCP data plane parks a handshake for a round not begun yet.
+        self.start_at: dict[int, float] = {}
 
     @property
     def now(self) -> float:
@@ -432,15 +437,24 @@ class SimNetwork:
         ids = sorted(self.peers)
         for a in ids:
             neighbours = topology[a] if topology is not None else [b for b in ids if b != a]
-            if kept:
-                lat = self.peers[a].link.profile.latency
-                rtts = {b: max(lat + self.peers[b].link.profile.latency, 1e-9) for b in neighbours}
-                for b, rtt in openings(a, neighbours, neighbours, rtts):
-                    self._emit(a, self.peers[a].session.connect(b, self.now, path_rtt=rtt))
-                continue
-            for b in neighbours:
-                if a < b or (topology is not None and a not in topology.get(b, [])):
-                    self._emit(a, self.peers[a].session.connect(b, self.now))
+            start = self.start_at.get(a, 0.0)
+            if start > self.now:      # a late peer dials when its round begins
+                self.schedule(start, lambda a=a, nb=neighbours: self._connect_from(
+                    a, nb, topology, kept))
+            else:
+                self._connect_from(a, neighbours, topology, kept)
+
+    def _connect_from(self, a: int, neighbours: list[int],
+                      topology: Optional[dict[int, list[int]]], kept: bool) -> None:
+        if kept:
+            lat = self.peers[a].link.profile.latency
+            rtts = {b: max(lat + self.peers[b].link.profile.latency, 1e-9) for b in neighbours}
+            for b, rtt in openings(a, neighbours, neighbours, rtts):
+                self._emit(a, self.peers[a].session.connect(b, self.now, path_rtt=rtt))
+            return
+        for b in neighbours:
+            if a < b or (topology is not None and a not in topology.get(b, [])):
+                self._emit(a, self.peers[a].session.connect(b, self.now))
 
     def schedule(self, at: float, fn: Callable[[], None]) -> None:
         self.net.schedule(at, fn)
@@ -473,6 +487,11 @@ class SimNetwork:
         """Send what a session returned (every message of a run passes here):
         ``message_size`` is one dict lookup for all but pieces, bitfields
         and handshakes, so that lookup is made here."""
+        start_at = self.start_at
+        if start_at and self.now < start_at.get(src, 0.0):
+            outgoing = list(outgoing)     # its round has not begun: nothing leaves yet
+            self.schedule(start_at[src], lambda: self._emit(src, outgoing))
+            return
         send, encode, fixed = self.net.send, self.encode, FIXED_SIZES
         for dst, msg in outgoing:
             kind = type(msg)
@@ -556,6 +575,12 @@ class SimNetwork:
                 self._emit(pid, link.session.deadline(self.now))
 
     def _deliver(self, src: int, dst: int, payload) -> None:
+        start_at = self.start_at
+        if start_at and self.net.now < start_at.get(dst, 0.0):
+            # parked until dst begins the round (in arrival order: equal
+            # times run in the order they were scheduled)
+            self.schedule(start_at[dst], lambda: self._deliver(src, dst, payload))
+            return
         session = self.peers[dst].session
         try:
             msg = self._decode(dst, payload) if self.encode else payload

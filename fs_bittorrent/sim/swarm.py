@@ -3,6 +3,7 @@ the benchmarks share, so every one of them drives the engine the same way."""
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence, Union
 
@@ -12,6 +13,7 @@ from ..core.manifest import Manifest
 from ..core.picker import pace_uploads, plan_where_uplinks_differ
 from ..core.storage import Bytes, ContentPool, MemoryPieceStorage, PieceStorage
 from ..core.session import SwarmSession
+from ..errors import ConfigError
 from .network import Faults, LinkProfile, SimNetwork
 
 OwnerPieces = Mapping[int, tuple[Manifest, Sequence[bytes]]]
@@ -95,6 +97,31 @@ def lower_bound(piece_bytes: Mapping[int, int], profiles: Mapping[int, LinkProfi
     return max(need_down, need_up_total, need_owner)
 
 
+def lower_bound_staggered(piece_bytes: Mapping[int, int], profiles: Mapping[int, LinkProfile],
+                          start_at: Mapping[int, float], server_up: float = 0.0) -> float:
+    """T_LB when peer i can only begin at ``start_at[i]`` (start skew),
+    measured from time 0 (take the earliest start as 0).
+
+    The three bounds of :func:`lower_bound`, each with its peer's start:
+    peer i takes in the others' bytes after ``s_i`` (``s_i + (B - S_i) /
+    d_i``) and pushes its own share out after ``s_i`` (``s_i + S_i /
+    u_i``); and the uplinks, each working from its own start, must carry
+    every copy: ``sum_i u_i (T - s_i) >= sum_i (n-1) S_i``, so ``T >=
+    (sum_i (n-1) S_i + sum_i u_i s_i) / sum_i u_i``.  With every
+    ``s_i = 0`` it is :func:`lower_bound`; with equal uplinks, start skew
+    costs the round its *mean* delay at best, not its largest.
+    """
+    ids = list(piece_bytes)
+    start = {i: float(start_at.get(i, 0.0)) for i in ids}
+    total = sum(piece_bytes.values())
+    need_down = max(start[i] + (total - piece_bytes[i]) / profiles[i].down for i in ids)
+    sum_up = sum(profiles[i].up for i in ids) + server_up
+    copies = sum((len(ids) - 1) * piece_bytes[i] for i in ids)
+    need_up_total = (copies + sum(profiles[i].up * start[i] for i in ids)) / sum_up
+    need_owner = max(start[i] + piece_bytes[i] / profiles[i].up for i in ids)
+    return max(need_down, need_up_total, need_owner)
+
+
 def lower_bound_latency(piece_bytes: Mapping[int, int], profiles: Mapping[int, LinkProfile],
                         server_up: float = 0.0) -> float:
     """T_LB plus the path latency a handshake-then-pull exchange cannot avoid.
@@ -129,13 +156,16 @@ def build_swarm(owners: OwnerPieces, config: SwarmConfig = SwarmConfig(),
                 secret: bytes = b"", experiment: str = "fs_bittorrent",
                 peers: Optional[Sequence[int]] = None,
                 storage_factory: Optional[Callable[[int], PieceStorage]] = None,
-                tick_interval: float = 0.5, kept_connections: bool = False) -> SimSwarm:
+                tick_interval: float = 0.5, kept_connections: bool = False,
+                start_at: Optional[Mapping[int, float]] = None) -> SimSwarm:
     """A network with one session per peer, each holding its own pieces.
 
     ``peers`` defaults to the owners; extra ids join as pure downloaders.
     Storages share one content pool, so each distinct piece is kept once.
     ``kept_connections``: the round runs on connections kept from an earlier
     one, opened from both ends (``SimNetwork.connect_all``).
+    ``start_at``: peer id -> virtual time its round begins (start skew,
+    ``SimNetwork.start_at``); others begin at 0.
     """
     layout = SwarmLayout(tuple(m for m, _ in owners.values()), experiment=experiment)
     ids = list(peers if peers is not None else sorted(owners))
@@ -148,6 +178,14 @@ def build_swarm(owners: OwnerPieces, config: SwarmConfig = SwarmConfig(),
     uplinks = {o: profiles[o].up for o in owners} if upload_aware else None
 
     net = SimNetwork(seed=seed, faults=faults, encode=encode, tick_interval=tick_interval)
+    if start_at:
+        for pid, at in start_at.items():
+            if pid not in ids:
+                raise ConfigError("start_at", pid, "is not a peer of this swarm")
+            if not (isinstance(at, (int, float)) and not isinstance(at, bool)
+                    and math.isfinite(at) and at >= 0):
+                raise ConfigError(f"start_at[{pid}]", at, "must be a finite number >= 0")
+        net.start_at = {pid: float(at) for pid, at in start_at.items()}
     pool = ContentPool()
     check = VerifiedCopies()
     for m, pieces in owners.values():

@@ -1,0 +1,112 @@
+"""Start skew: the coordinator's ``bt_start`` reaches the clients at
+different times, so peers begin the round apart.  The simulator models it
+(``build_swarm(start_at=...)``), the staggered bound prices it, and a peer
+that began late catches up instead of keeping its whole delay (behaviour in
+virtual time, deterministic; figures in docs/benchmarks.md)."""
+from __future__ import annotations
+
+import hashlib
+import random
+
+import pytest
+
+from fs_bittorrent.core.config import SwarmConfig
+from fs_bittorrent.core.manifest import Manifest, TensorSpec
+from fs_bittorrent.errors import ConfigError
+from fs_bittorrent.sim.network import LinkProfile
+from fs_bittorrent.sim.swarm import build_swarm, lower_bound, lower_bound_staggered
+
+PIECE = 256 * 1024
+BLOCK = 64 * 1024
+LINK = LinkProfile(up=100e6 / 8, down=150e6 / 8, latency=0.0005)   # the FS CNN's shaped links
+
+
+def owners(n: int, size: int):
+    out = {}
+    for o in range(1, n + 1):
+        blob = random.Random(o).randbytes(size)
+        pieces = [blob[i:i + PIECE] for i in range(0, size, PIECE)]
+        m = Manifest(o, 0, size, PIECE, tuple(hashlib.sha256(p).digest() for p in pieces), 1,
+                     (TensorSpec("w", "U8", (size,), 0, size),))
+        out[o] = (m, pieces)
+    return out
+
+
+def test_staggered_bound_is_the_plain_bound_without_skew_and_costs_the_mean_delay():
+    share = {i: 1_000_000 for i in range(1, 5)}
+    links = {i: LinkProfile(up=1e6, down=1e7, latency=0.0) for i in share}
+    assert lower_bound_staggered(share, links, {}) == pytest.approx(lower_bound(share, links))
+    # 12 MB of copies over 4 MB/s of uplinks: 3 s; peer 4 begins 0.4 s late,
+    # so the uplinks lose 0.4 MB of work: 0.1 s, the mean delay, not 0.4 s
+    assert lower_bound(share, links) == pytest.approx(3.0)
+    assert lower_bound_staggered(share, links, {4: 0.4}) == pytest.approx(3.1)
+    # a late owner still has to push its own share out after it begins
+    assert lower_bound_staggered(share, links, {4: 3.0}) == pytest.approx(4.0)
+
+
+def test_a_late_peer_neither_sends_nor_receives_before_its_round_begins():
+    own = owners(4, 4 * PIECE)
+    late, start = 4, 0.05
+    swarm = build_swarm(own, SwarmConfig(block_size=BLOCK), LINK, kept_connections=True,
+                        start_at={late: start})
+    early = swarm.run(until=start - 1e-6)
+    sessions = swarm.sessions
+    assert not early.complete
+    assert sessions[late].stats.bytes_down == 0 and sessions[late].stats.bytes_up == 0
+    assert swarm.network.peers[late].link.wire_up == 0
+    late_pieces = set(swarm.layout.owner_range(late))
+    for pid in (1, 2, 3):
+        assert not any(sessions[pid].have[i] for i in late_pieces)
+        assert sessions[pid].stats.bytes_down > 0          # the others did exchange
+    result = swarm.run(until=60)
+    assert result.complete
+    shares = {o: m.total_size for o, (m, _) in own.items()}
+    t_lb = lower_bound_staggered(shares, {o: LINK for o in own}, {late: start})
+    assert result.virtual_time >= t_lb
+
+
+@pytest.mark.parametrize("start_at, field", [
+    ({9: 0.01}, "start_at"),
+    ({2: -0.01}, "start_at[2]"),
+    ({2: float("nan")}, "start_at[2]"),
+    ({2: True}, "start_at[2]"),
+])
+def test_bad_start_at_is_refused_naming_the_entry(start_at, field):
+    own = owners(3, PIECE)
+    with pytest.raises(ConfigError) as err:
+        build_swarm(own, SwarmConfig(block_size=BLOCK), LINK, start_at=start_at)
+    assert err.value.field == field
+    # the owners' pieces are untouched: the same call without the bad entry runs
+    assert build_swarm(own, SwarmConfig(block_size=BLOCK), LINK).run(until=60).complete
+
+
+def test_a_peer_that_begins_late_catches_up_instead_of_keeping_its_delay():
+    """Uniform links serve requests first come, first served.  Without
+    catching up, the late peer kept its 40 ms and more (finished about
+    100 ms after the others, eta 0.909 of the staggered bound); queueing
+    deeper while it is behind, it ends close to the others."""
+    n, late, start = 8, 8, 0.04
+    own = owners(n, 1_700_000)
+    swarm = build_swarm(own, SwarmConfig(block_size=BLOCK), LINK, kept_connections=True,
+                        start_at={late: start})
+    result = swarm.run(until=60)
+    assert result.complete
+    others = max(t for pid, t in result.completed_at.items() if pid != late)
+    assert result.completed_at[late] - others < start
+    shares = {o: m.total_size for o, (m, _) in own.items()}
+    eta = lower_bound_staggered(shares, {o: LINK for o in own}, {late: start}) / result.virtual_time
+    assert eta >= 0.94
+
+
+def test_catching_up_stays_off_where_uploads_are_paced():
+    """Where the known uplinks differ the plan paces uploads, and the
+    uplink serves the requester furthest behind first; the requester-side
+    catch-up stays off there, so those rounds pick exactly as before."""
+    own = owners(4, 4 * PIECE)
+    links = {o: LINK for o in own}
+    links[1] = LinkProfile(up=LINK.up / 10, down=LINK.down, latency=LINK.latency)
+    swarm = build_swarm(own, SwarmConfig(block_size=BLOCK), links, kept_connections=True,
+                        start_at={4: 0.05})
+    assert swarm.run(until=60).complete
+    assert all(s.paced_uploads for s in swarm.sessions.values())
+    assert all(s._catch_up == 1.0 for s in swarm.sessions.values())
