@@ -176,3 +176,67 @@ def test_fan_out_serializes_once_and_reaches_every_endpoint():
         channels.close()
         for server, _ in servers:
             server.stop(None).wait()
+
+
+class _WaitForAll(gRPCComServeFunc):
+    """FS's servicer that answers only once every receiver holds the
+    message: the sender must have all its RPCs in flight at once."""
+
+    def __init__(self, barrier: threading.Barrier) -> None:
+        super().__init__()
+        self.barrier = barrier
+
+    def sendMessage(self, request, context):
+        self.barrier.wait()
+        return super().sendMessage(request, context)
+
+
+def test_fan_out_has_every_rpc_in_flight_at_once():
+    """More receivers than the 8 threads the fan-out used to send from:
+    each receiver holds its answer until all 12 have the message.  With a
+    pool the last 4 never left (the first 8 RPCs waited for them), and the
+    barrier broke after its timeout."""
+    from fs_bittorrent.fs.distributed import FanOut
+    n = 12
+    barrier = threading.Barrier(n, timeout=10)
+    servers, funcs = [], []
+    for _ in range(n):
+        f = _WaitForAll(barrier)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        gRPC_comm_manager_pb2_grpc.add_gRPCComServeFuncServicer_to_server(f, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append((server, port))
+        funcs.append(f)
+    cm = _CommManager()
+    cm.neighbors = {i + 1: f"127.0.0.1:{port}" for i, (_, port) in enumerate(servers)}
+    channels = PersistentChannels(cm).install()
+    fan = FanOut(cm, send=lambda m: pytest.fail("a multi-receiver message went one by one"))
+    msg = Message(msg_type="bt_start", sender=0, receiver=list(range(1, n + 1)), state=2,
+                  content={"round": 2})
+    try:
+        fan(msg)
+        assert not barrier.broken
+        for f in funcs:
+            (got,) = _received(f)
+            assert (got.msg_type, got.state) == ("bt_start", 2)
+    finally:
+        barrier.abort()
+        fan.close()
+        channels.close()
+        for server, _ in servers:
+            server.stop(None).wait()
+
+
+def test_send_to_all_counts_what_was_delivered_and_logs_the_rest(endpoint, caplog):
+    address, funcs = endpoint
+    cm = _CommManager()
+    channels = PersistentChannels(cm).install()
+    dead = "127.0.0.1:1"                         # nothing listens there
+    payload = PersistentChannels.serialize(_msg(7))
+    with _captured(caplog):
+        assert channels.send_to_all([address, dead], payload, "bt_progress") == 1
+    assert [m.state for m in _received(funcs)] == [7]
+    assert any(dead in r.getMessage() and "not delivered" in r.getMessage()
+               for r in caplog.records)
+    channels.close()

@@ -304,13 +304,17 @@ class FanOut:
     exchange waited for the last one's pieces.  Most of it is the protobuf
     encoding (pure Python here: about 20 ms for a ``bt_start`` of 8 clients,
     the same bytes for every receiver).  Here the request is built and
-    serialized once and each receiver's RPC runs in a thread of a small
-    pool, on the channel :class:`~fs_bittorrent.fs.control_send.PersistentChannels`
-    keeps for that client; the call returns when all are done, so FS's
-    per-receiver order of messages is kept.  (Caching only the request
-    object, as before, left the serialization to the stub, once per
-    receiver under the GIL: ``bt_start`` still reached the clients about
-    30 ms apart.)  Single receivers go straight through."""
+    serialized once and every receiver's RPC is put in flight at once, as a
+    gRPC future on the channel :class:`~fs_bittorrent.fs.control_send.PersistentChannels`
+    keeps for that client (``send_to_all``); the call returns when all are
+    done, so FS's per-receiver order of messages is kept.  (Caching only
+    the request object, as before, left the serialization to the stub, once
+    per receiver under the GIL: ``bt_start`` still reached the clients about
+    30 ms apart.  A pool of 8 threads, one blocking RPC each, as before
+    this, sent to receivers 9-16 only when the first RPCs had returned: a
+    round trip per 8 clients.)  Single receivers go straight through; a comm
+    manager without kept channels (not what ``serve_server`` installs) sends
+    from the pool."""
 
     def __init__(self, comm_manager: Any, send: Callable[[Any], None],
                  threads: int = 8) -> None:
@@ -332,14 +336,12 @@ class FanOut:
             return
         if isinstance(self.cm._send, PersistentChannels):
             # serialized once (pure-Python protobuf, per receiver otherwise)
-            payload = self.cm._send.serialize(message)
-            futures = [self.pool.submit(self.cm._send.send_bytes, a, payload, message.msg_type)
-                       for a in addresses]
-        else:
-            request = message.transform(to_list=True)
-            message.transform = lambda to_list=True: request     # one encoding for all
-            futures = [self.pool.submit(self.cm._send, a, message) for a in addresses]
-        for f in futures:
+            self.cm._send.send_to_all(addresses, self.cm._send.serialize(message),
+                                      message.msg_type)
+            return
+        request = message.transform(to_list=True)
+        message.transform = lambda to_list=True: request     # one encoding for all
+        for f in [self.pool.submit(self.cm._send, a, message) for a in addresses]:
             f.result()
 
     def close(self) -> None:
