@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import struct
+import zlib
 
 import pytest
 
@@ -16,8 +17,8 @@ from fs_bittorrent.net.tls import LocalIdentity
 
 wire = pytest.importorskip("fs_bittorrent.fs.wire", exc_type=ImportError,
                            reason="FederatedScope is not installed: control messages skipped")
-from fs_bittorrent.fs.start_table import (StartPeer, decode_start_table,  # noqa: E402
-                                          encode_start_table)
+from fs_bittorrent.fs.start_table import (MAX_INFLATED, StartPeer,  # noqa: E402
+                                          decode_start_table, encode_start_table)
 
 PEERS = (1, 2, 3)
 
@@ -75,16 +76,36 @@ def rows(t):
     return decode_start_table(base64.b64decode(packed(t)["table"]))
 
 
+def test_the_table_is_deflated_and_version_1_is_still_read(table):
+    raw = base64.b64decode(packed(table)["table"])
+    assert raw[:5] == b"FSBS\x02"
+    rs = rows(table)
+    plain = encode_start_table(rs, version=1)
+    assert plain[:5] == b"FSBS\x01" and len(raw) < len(plain)
+    assert decode_start_table(plain) == rs == decode_start_table(encode_start_table(rs))
+    with pytest.raises(ProtocolError) as err:
+        encode_start_table(rs, version=3)
+    assert err.value.field == "bt_start.table.version"
+
+
 @pytest.mark.parametrize("corrupt,field", [
     (lambda raw, rs: b"XXXX" + raw[4:], "bt_start.table.magic"),
     (lambda raw, rs: raw[:4] + b"\x09" + raw[5:], "bt_start.table.version"),
     (lambda raw, rs: raw + b"\0", "bt_start.table.trailing_bytes"),
     # the same id twice
-    (lambda raw, rs: encode_start_table(rs)[:7] + b"".join(
-        encode_start_table([rs[0]])[7:] for _ in range(3)), "bt_start.table.peer"),
+    (lambda raw, rs: encode_start_table(rs, version=1)[:7] + b"".join(
+        encode_start_table([rs[0]], version=1)[7:] for _ in range(3)), "bt_start.table.peer"),
     # peer 2's row carrying peer 1's manifest
     (lambda raw, rs: (lambda b: b[:7] + struct.pack(">I", 2) + b[11:])(
-        encode_start_table([rs[0]])), "bt_start.table.manifest[2]"),
+        encode_start_table([rs[0]], version=1)), "bt_start.table.manifest[2]"),
+    # version 2: the records deflated
+    (lambda raw, rs: raw[:7] + b"not zlib at all", "bt_start.table.body"),
+    (lambda raw, rs: raw[:-3], "bt_start.table.body"),
+    (lambda raw, rs: raw[:7] + zlib.compress(bytes(MAX_INFLATED + 1)),
+     "bt_start.table.inflated"),
+    # well-formed records in version 2's stream, but one trailing byte
+    (lambda raw, rs: raw[:7] + zlib.compress(encode_start_table(rs, version=1)[7:] + b"\0"),
+     "bt_start.table.trailing_bytes"),
 ])
 def test_malformed_tables_name_the_field(table, corrupt, field):
     raw = base64.b64decode(packed(table)["table"])
@@ -96,7 +117,7 @@ def test_malformed_tables_name_the_field(table, corrupt, field):
 
 def test_a_corrupt_manifest_names_its_row(table):
     rs = rows(table)
-    raw = bytearray(encode_start_table(rs))
+    raw = bytearray(encode_start_table(rs, version=1))
     at = raw.index(b"FSBM", raw.index(b"FSBM") + 1)     # peer 2's manifest
     raw[at + 4] = 99                                     # its version
     with pytest.raises(ProtocolError) as err:
