@@ -144,21 +144,26 @@ def test_ordered_sender_goes_on_after_a_failing_send(caplog):
     assert any("sending 1 failed" in r.getMessage() for r in caplog.records)
 
 
-def test_fan_out_serializes_once_and_reaches_every_endpoint():
+def _fan_out_to(servicers: list) -> tuple:
+    """A gRPC endpoint on 127.0.0.1 per servicer (ids 1..n), and a FanOut
+    on kept channels to them: (servers, servicers, channels, fan)."""
     from fs_bittorrent.fs.distributed import FanOut
-    servers, funcs = [], []
-    for _ in range(3):
-        f = gRPCComServeFunc()
+    servers = []
+    for f in servicers:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
         gRPC_comm_manager_pb2_grpc.add_gRPCComServeFuncServicer_to_server(f, server)
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         servers.append((server, port))
-        funcs.append(f)
     cm = _CommManager()
     cm.neighbors = {i + 1: f"127.0.0.1:{port}" for i, (_, port) in enumerate(servers)}
     channels = PersistentChannels(cm).install()
     fan = FanOut(cm, send=lambda m: pytest.fail("a multi-receiver message went one by one"))
+    return servers, servicers, channels, fan
+
+
+def test_fan_out_serializes_once_and_reaches_every_endpoint():
+    servers, funcs, channels, fan = _fan_out_to([gRPCComServeFunc() for _ in range(3)])
     msg = Message(msg_type="bt_start", sender=0, receiver=[1, 2, 3], state=4,
                   content={"round": 4, "manifests": ["x" * 100] * 8})
     built = []
@@ -196,22 +201,9 @@ def test_fan_out_has_every_rpc_in_flight_at_once():
     each receiver holds its answer until all 12 have the message.  With a
     pool the last 4 never left (the first 8 RPCs waited for them), and the
     barrier broke after its timeout."""
-    from fs_bittorrent.fs.distributed import FanOut
     n = 12
     barrier = threading.Barrier(n, timeout=10)
-    servers, funcs = [], []
-    for _ in range(n):
-        f = _WaitForAll(barrier)
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        gRPC_comm_manager_pb2_grpc.add_gRPCComServeFuncServicer_to_server(f, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        servers.append((server, port))
-        funcs.append(f)
-    cm = _CommManager()
-    cm.neighbors = {i + 1: f"127.0.0.1:{port}" for i, (_, port) in enumerate(servers)}
-    channels = PersistentChannels(cm).install()
-    fan = FanOut(cm, send=lambda m: pytest.fail("a multi-receiver message went one by one"))
+    servers, funcs, channels, fan = _fan_out_to([_WaitForAll(barrier) for _ in range(n)])
     msg = Message(msg_type="bt_start", sender=0, receiver=list(range(1, n + 1)), state=2,
                   content={"round": 2})
     try:
