@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 
 #: A requester behind its peers deepens its request windows by up to this
 #: factor (``SwarmSession._catch_up_factor``), re-judged every
-#: ``CATCH_UP_EVERY`` blocks it receives.
+#: ``max(CATCH_UP_EVERY, number of peers)`` blocks it receives (judging
+#: looks at every peer: at most one peer looked at per block).
 CATCH_UP_MAX = 2.0
 CATCH_UP_EVERY = 8
 
@@ -941,7 +942,8 @@ class SwarmSession:
         catch_up = self._catch_up
         if not self._upload_aware:
             self._blocks_since_catch_up += 1
-            if self._blocks_since_catch_up >= CATCH_UP_EVERY:
+            if self._blocks_since_catch_up >= CATCH_UP_EVERY \
+                    and self._blocks_since_catch_up >= len(self.peers):
                 catch_up = self._catch_up = self._catch_up_factor()
         if catch_up == 1.0:
             p.on_block(now - sent_at, self._block_size, self._queue_time,
