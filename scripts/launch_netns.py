@@ -271,9 +271,9 @@ def report(a: argparse.Namespace, n: int, up: dict, slow: dict, results: list,
     links = {c: LinkProfile(up=up[c] * MBIT, down=a.down * MBIT, latency=0.0)
              for c in range(1, n + 1)}
     print("\n| tree | run | round | reason | T wall s | T_LB s | eta | completion "
-          "| busiest uplink s (client) | mean uplink s | CPU busy % | steal % "
-          "| CPU ms per client | server CPU ms |")
-    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| start spread ms | busiest uplink s (client) | mean uplink s | CPU busy % "
+          "| steal % | CPU ms per client | server CPU ms |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     later: dict = {}
     for name, rep_i, result in results:
         etas, loads, client_cpu = later.setdefault(name, ([], [], []))
@@ -287,9 +287,11 @@ def report(a: argparse.Namespace, n: int, up: dict, slow: dict, results: list,
             cpu = f"{100 * load[0]:.0f} | {100 * load[1]:.1f}" if load else "- | -"
             used = round_cpu(r, proc_samples or [])
             procs = f"{1000 * used[0]:.0f} | {1000 * used[1]:.0f}" if used else "- | -"
+            spread = r.get("start_spread")     # trees from before it: none
+            spread = "-" if spread is None else f"{1000 * spread:.0f}"
             print(f"| {name} | {rep_i} | {r['round']} | {r['reason']} | {t:.3f} | "
-                  f"{t_lb:.3f} | {t_lb / t:.3f} | {r['completion_ratio']:.2f} | {busy} | {cpu} "
-                  f"| {procs} |")
+                  f"{t_lb:.3f} | {t_lb / t:.3f} | {r['completion_ratio']:.2f} | {spread} "
+                  f"| {busy} | {cpu} | {procs} |")
             if r["round"] >= 1:
                 etas.append(t_lb / t)
                 if load:

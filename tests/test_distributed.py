@@ -69,6 +69,12 @@ def test_four_client_processes_three_rounds_all_exit_zero(three_rounds):
     # lines up with the machine's CPU load)
     starts = [r["started_wall"] for r in result.rounds]
     assert RUN_WINDOW[0] < starts[0] < starts[1] < starts[2] < RUN_WINDOW[1]
+    # when each client began its exchange after bt_start left (server's clock)
+    for r in result.rounds:
+        assert set(r["start_delay"]) == {"1", "2", "3", "4"}
+        assert all(0 <= d < r["exchange_time"] + 5 for d in r["start_delay"].values())
+        assert 0 <= r["start_spread"] == pytest.approx(
+            max(r["start_delay"].values()) - min(r["start_delay"].values()))
 
 
 def test_every_client_holds_every_piece_bit_exactly(three_rounds):

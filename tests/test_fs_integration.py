@@ -40,6 +40,11 @@ def test_standalone_run_every_client_gets_every_piece(tmp_path, clients):
         # the latency-aware bound beside it: T_LB + 3 x the 5 ms latency
         assert s["t_lb_lat"] == pytest.approx(s["t_lb"] + 3 * 0.005)
         assert s["eta"] < s["eta_lat"] <= 1
+        # when each client began, after bt_start left the server (virtual time)
+        delays = s["start_delay"]
+        assert set(delays) == {str(c) for c in range(1, clients + 1)}
+        assert all(0 <= d < s["exchange_time"] for d in delays.values())
+        assert s["start_spread"] == pytest.approx(max(delays.values()) - min(delays.values()))
     # The store still holds the last keep_rounds rounds, every piece at every holder.
     from fs_bittorrent.store.sqlite_store import SQLitePieceStore
     db = SQLitePieceStore(os.path.join(runner.settings.db_dir, "pieces.db"))
@@ -316,3 +321,15 @@ def test_a_store_that_cannot_commit_mid_exchange_stops_the_run_and_blames_no_pee
     text = "".join(p.read_text() for p in (tmp_path / "exp").rglob("exp_print.log"))
     assert "its piece store failed in round 0" in text
     assert "from peer" not in text                  # nobody blamed, nobody dropped
+
+
+def test_start_delays_are_report_arrival_less_exchange_time_after_the_send():
+    from types import SimpleNamespace as R
+    from fs_bittorrent.fs.manager import start_delays
+    reports = {1: R(exchange_time=1.15), 2: R(exchange_time=1.10), 3: R(exchange_time=1.0)}
+    # client 3's report has not arrived: left out; a report that arrived
+    # "before" its exchange could have begun (clock noise) counts as 0
+    got = start_delays(10.0, {1: 11.20, 2: 11.25, 4: 12.0}, reports)
+    assert got == {"1": pytest.approx(0.05), "2": pytest.approx(0.15)}
+    assert start_delays(10.0, {1: 10.5}, reports) == {"1": 0.0}
+    assert start_delays(None, {1: 11.2}, reports) == {}

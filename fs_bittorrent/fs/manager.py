@@ -35,7 +35,7 @@ import logging
 import os
 import time
 from collections import deque
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Mapping, Optional, Protocol
 
 
 from ..core.coordinator import CompletionReport, RoundCoordinator, RoundEnd, StartExchange
@@ -78,6 +78,25 @@ DISTRIBUTED_REPORT_GRACE = 1.0   # s the server waits past its deadline for repo
 ROUND_STATS_KEPT = 100    # rounds of figures the server keeps in memory
 BLOCK_TIME = 0.008        # s of transfer a measured block size aims at (adaptive_block_size)
 MAX_BLOCK = 128 * 1024    # the largest block a peer accepts (SwarmConfig.max_block_size)
+
+
+def start_delays(sent_at: Optional[float], arrivals: Mapping[int, float],
+                 reports: Mapping[int, Any]) -> dict[str, float]:
+    """When each client began its exchange, in seconds after the server
+    sent ``bt_start`` (``sent_at``, the server's clock), estimated without
+    any clock of the client's: its report arrived at ``arrivals[c]`` and
+    says it exchanged for ``exchange_time`` seconds from its own start, so
+    it began at ``arrival - exchange_time``.  That includes the delivery of
+    ``bt_start`` and the client's start-up, and over-estimates by the
+    report's own delivery (milliseconds on one host).  Why: a round's T is
+    the longest exchange, each from its client's own start, so clients that
+    begin apart (``bt_start`` reaching them tens of ms apart) lengthen it
+    (docs/benchmarks.md, eleventh session).  Clients without both figures
+    are left out."""
+    if sent_at is None:
+        return {}
+    return {str(c): max(0.0, arrivals[c] - reports[c].exchange_time - sent_at)
+            for c in sorted(reports) if c in arrivals}
 
 
 def block_size_for(rate: float, floor: int, ceiling: int) -> int:
@@ -708,6 +727,8 @@ class ServerManager(BitTorrentManager):
         self._certificates: dict[int, str] = {}      # client -> its TLS certificate (base64)
         self._uplinks: dict[int, float] = {}         # client -> its last measured uplink, B/s
         self._started_wall: dict[int, float] = {}    # round -> Unix time its bt_start left
+        self._sent_at: dict[int, float] = {}         # round -> our clock when bt_start left
+        self._report_at: dict[int, dict[int, float]] = {}   # round -> client -> report arrival
         self._armed: set[float] = set()              # coordinator deadlines with a timer
         # The last round's figures wait for the clients' final counts (bt_stats).
         self._pending_stats: Optional[dict] = None
@@ -840,12 +861,16 @@ class ServerManager(BitTorrentManager):
     def on_report(self, message: Any) -> None:
         if self._after_finish(message, wire.MSG_REPORT):
             return
+        now = self.now()
         try:
             report = wire.unpack_report(message.content)
-            actions = self.coordinator.on_report(message.sender, report, self.now())
+            actions = self.coordinator.on_report(message.sender, report, now)
         except BitTorrentError as exc:
             self._refuse(message, wire.MSG_REPORT, exc)
             return
+        arrivals = self._report_at.get(report.round)
+        if arrivals is not None:
+            arrivals.setdefault(message.sender, now)
         self._advance_progress(message.sender, report.round, report.pieces_have)
         self._act(actions)
 
@@ -960,6 +985,8 @@ class ServerManager(BitTorrentManager):
             total = sum(have.values()) * len(a.participants)
             self.progress.start(a.round, total - sum(have.values()))
         self._started_wall[a.round] = time.time()
+        self._sent_at[a.round] = self.now()
+        self._report_at[a.round] = {}
         self._send(self._message(wire.MSG_START, list(a.participants), a.round,
                                  wire.pack_start(a.round, a.manifests, neighbours, a.timeout,
                                                  addresses, certificates, uplinks)))
@@ -1013,6 +1040,8 @@ class ServerManager(BitTorrentManager):
                               default=e.exchange_time)
         exchange_time = completion_time if e.reason == "complete" else e.exchange_time
         started_wall = self._started_wall.pop(e.round, None)
+        start_delay = start_delays(self._sent_at.pop(e.round, None),
+                                   self._report_at.pop(e.round, {}), e.reports)
         t_lb = t_lb_lat = None
         if self.links and sizes and all(c in self.links for c in e.participants):
             shares = {c: sizes.get(c, 0) for c in e.participants}
@@ -1025,6 +1054,12 @@ class ServerManager(BitTorrentManager):
             # Unix time the server sent the round's bt_start (wall clock
             # only): lines a round up with what else the machine did then
             "started_wall": None if self.links else started_wall,
+            # when each client began its exchange, after bt_start left here
+            # (estimated on our clock, see start_delays), and their spread:
+            # the round's T counts from each client's own start
+            "start_delay": start_delay,
+            "start_spread": (max(start_delay.values()) - min(start_delay.values())
+                             if start_delay else None),
             "completion_ratio": e.completion_ratio,
             "completion": {str(c): r.completion for c, r in sorted(e.reports.items())},
             "bytes_up": {str(c): r.bytes_up for c, r in sorted(e.reports.items())},
