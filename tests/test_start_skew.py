@@ -1,8 +1,7 @@
 """Start skew: the coordinator's ``bt_start`` reaches the clients at
 different times, so peers begin the round apart.  The simulator models it
-(``build_swarm(start_at=...)``), the staggered bound prices it, and a peer
-that began late catches up instead of keeping its whole delay (behaviour in
-virtual time, deterministic; figures in docs/benchmarks.md)."""
+(``build_swarm(start_at=...)``) and the staggered bound prices it
+(behaviour in virtual time, deterministic; figures in docs/benchmarks.md)."""
 from __future__ import annotations
 
 import pytest
@@ -69,35 +68,3 @@ def test_bad_start_at_is_refused_naming_the_entry(start_at, field):
     assert err.value.field == field
     # the owners' pieces are untouched: the same call without the bad entry runs
     assert build_swarm(own, SwarmConfig(block_size=BLOCK), LINK).run(until=60).complete
-
-
-def test_a_peer_that_begins_late_catches_up_instead_of_keeping_its_delay():
-    """Uniform links serve requests first come, first served.  Without
-    catching up, the late peer kept its 40 ms and more (finished 105 ms
-    after the others, eta 0.901 of the staggered bound); queueing deeper
-    while it is behind, it ends 45 ms after them (eta 0.948)."""
-    n, late, start = 8, 8, 0.04
-    own = owners(n, 7)     # 1.75 MB each: the CNN's size
-    swarm = build_swarm(own, SwarmConfig(block_size=BLOCK), LINK, kept_connections=True,
-                        start_at={late: start})
-    result = swarm.run(until=60)
-    assert result.complete
-    others = max(t for pid, t in result.completed_at.items() if pid != late)
-    assert result.completed_at[late] - others < 0.06
-    shares = {o: m.total_size for o, (m, _) in own.items()}
-    eta = lower_bound_staggered(shares, {o: LINK for o in own}, {late: start}) / result.virtual_time
-    assert eta >= 0.93
-
-
-def test_catching_up_stays_off_where_uploads_are_paced():
-    """Where the known uplinks differ the plan paces uploads, and the
-    uplink serves the requester furthest behind first; the requester-side
-    catch-up stays off there, so those rounds pick exactly as before."""
-    own = owners(4, 4)
-    links = {o: LINK for o in own}
-    links[1] = LinkProfile(up=LINK.up / 10, down=LINK.down, latency=LINK.latency)
-    swarm = build_swarm(own, SwarmConfig(block_size=BLOCK), links, kept_connections=True,
-                        start_at={4: 0.05})
-    assert swarm.run(until=60).complete
-    assert all(s.paced_uploads for s in swarm.sessions.values())
-    assert all(s._catch_up == 1.0 for s in swarm.sessions.values())

@@ -43,13 +43,6 @@ from .storage import Bytes, PieceStorage
 
 log = logging.getLogger(__name__)
 
-#: A requester behind its peers deepens its request windows by up to this
-#: factor (``SwarmSession._catch_up_factor``), re-judged every
-#: ``max(CATCH_UP_EVERY, number of peers)`` blocks it receives (judging
-#: looks at every peer: at most one peer looked at per block).
-CATCH_UP_MAX = 2.0
-CATCH_UP_EVERY = 8
-
 #: ``check(digest, data)``: does a completed piece match its manifest digest?
 PieceCheck = Callable[[bytes, Bytes], bool]
 
@@ -211,9 +204,6 @@ class SwarmSession:
         self._min_requests = config.min_requests_per_peer
         self._max_requests = config.max_requests_per_peer
         self._queue_time = config.request_queue_time
-        # Behind the peers: deeper request windows (``_catch_up_factor``).
-        self._catch_up = 1.0
-        self._blocks_since_catch_up = 0
         # Upload pacing (see ``upload_ready``): with ``paced_uploads`` the
         # host tells us when its uplink has room, and served requests wait
         # here until then, so we choose what leaves next instead of a FIFO.
@@ -234,38 +224,6 @@ class SwarmSession:
     @property
     def have(self) -> list[bool]:
         return self.picker.have
-
-    def _catch_up_factor(self) -> float:
-        """How far behind the peers we are, as a request-window factor in
-        [1, ``CATCH_UP_MAX``]: the pieces we miss over the mean our peers
-        miss (from their bitfields and haves).
-
-        Why: an uplink the plan does not pace (uniform links) serves its
-        requests first come, first served, so each requester gets about
-        its share of the queue, in proportion to what it keeps requested
-        there.  A peer that began the round late (``bt_start`` reaches the
-        clients tens of ms apart) then stays late by its whole delay, and
-        the round waits for it.  Queueing proportionally more where it is
-        behind gives it a larger share of every uplink until it has caught
-        up (simulator, start skew: docs/benchmarks.md).  Where uploads are
-        paced, the uplink itself serves the requester furthest behind first
-        (``_hold``), so this stays off there."""
-        self._blocks_since_catch_up = 0
-        n = self._num_pieces
-        mine = self.picker.pieces_missing
-        missing = count = 0
-        for p in self.peers.values():
-            if p.handshaken:
-                missing += n - p.has_count
-                count += 1
-        if not count or not mine:
-            return 1.0
-        if mine * count <= missing:          # not behind the mean peer
-            return 1.0
-        if missing == 0:                     # everyone else is done
-            return CATCH_UP_MAX
-        factor = mine * count / missing
-        return factor if factor < CATCH_UP_MAX else CATCH_UP_MAX
 
     @property
     def pieces_have(self) -> int:
@@ -939,18 +897,8 @@ class SwarmSession:
                 self._rate_in = sample if self._rate_in == 0.0 else 0.5 * (self._rate_in + sample)
                 self._rate_bytes = 0
                 self._rate_since = now
-        catch_up = self._catch_up
-        if not self._upload_aware:
-            self._blocks_since_catch_up += 1
-            if self._blocks_since_catch_up >= CATCH_UP_EVERY \
-                    and self._blocks_since_catch_up >= len(self.peers):
-                catch_up = self._catch_up = self._catch_up_factor()
-        if catch_up == 1.0:
-            p.on_block(now - sent_at, self._block_size, self._queue_time,
-                       self._min_requests, self._max_requests)
-        else:
-            p.on_block(now - sent_at, self._block_size, self._queue_time * catch_up,
-                       round(self._min_requests * catch_up), self._max_requests)
+        p.on_block(now - sent_at, self._block_size, self._queue_time,
+                   self._min_requests, self._max_requests)
         pp = picker.partials.get(index)
         others = picker.block_received(index, begin, block, p.peer_id)
         out: list[Outgoing] = []
