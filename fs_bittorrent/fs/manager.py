@@ -727,8 +727,8 @@ class ServerManager(BitTorrentManager):
         self._certificates: dict[int, str] = {}      # client -> its TLS certificate (base64)
         self._uplinks: dict[int, float] = {}         # client -> its last measured uplink, B/s
         self._started_wall: dict[int, float] = {}    # round -> Unix time its bt_start left
-        self._sent_at: dict[int, float] = {}         # round -> our clock when bt_start left
-        self._report_at: dict[int, dict[int, float]] = {}   # round -> client -> report arrival
+        # round -> (our clock when its bt_start left, client -> its report's arrival)
+        self._start_sent: dict[int, tuple[float, dict[int, float]]] = {}
         self._armed: set[float] = set()              # coordinator deadlines with a timer
         # The last round's figures wait for the clients' final counts (bt_stats).
         self._pending_stats: Optional[dict] = None
@@ -868,9 +868,9 @@ class ServerManager(BitTorrentManager):
         except BitTorrentError as exc:
             self._refuse(message, wire.MSG_REPORT, exc)
             return
-        arrivals = self._report_at.get(report.round)
-        if arrivals is not None:
-            arrivals.setdefault(message.sender, now)
+        sent = self._start_sent.get(report.round)
+        if sent is not None:
+            sent[1].setdefault(message.sender, now)
         self._advance_progress(message.sender, report.round, report.pieces_have)
         self._act(actions)
 
@@ -985,8 +985,7 @@ class ServerManager(BitTorrentManager):
             total = sum(have.values()) * len(a.participants)
             self.progress.start(a.round, total - sum(have.values()))
         self._started_wall[a.round] = time.time()
-        self._sent_at[a.round] = self.now()
-        self._report_at[a.round] = {}
+        self._start_sent[a.round] = (self.now(), {})
         self._send(self._message(wire.MSG_START, list(a.participants), a.round,
                                  wire.pack_start(a.round, a.manifests, neighbours, a.timeout,
                                                  addresses, certificates, uplinks)))
@@ -1040,8 +1039,8 @@ class ServerManager(BitTorrentManager):
                               default=e.exchange_time)
         exchange_time = completion_time if e.reason == "complete" else e.exchange_time
         started_wall = self._started_wall.pop(e.round, None)
-        start_delay = start_delays(self._sent_at.pop(e.round, None),
-                                   self._report_at.pop(e.round, {}), e.reports)
+        sent_at, arrivals = self._start_sent.pop(e.round, (None, {}))
+        start_delay = start_delays(sent_at, arrivals, e.reports)
         t_lb = t_lb_lat = None
         if self.links and sizes and all(c in self.links for c in e.participants):
             shares = {c: sizes.get(c, 0) for c in e.participants}

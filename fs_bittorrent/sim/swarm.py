@@ -86,15 +86,10 @@ def lower_bound(piece_bytes: Mapping[int, int], profiles: Mapping[int, LinkProfi
     ``piece_bytes[i]`` is owner i's share S_i; every peer must receive every
     other share.  Three bounds: the slowest downloader must take in all the
     others' bytes; all those bytes must cross the sum of uplinks; and every
-    owner must push its share out at least once.
+    owner must push its share out at least once.  (Every peer starting at
+    0: :func:`lower_bound_staggered` computes it.)
     """
-    ids = list(piece_bytes)
-    total = sum(piece_bytes.values())
-    need_down = max((total - piece_bytes[i]) / profiles[i].down for i in ids)
-    sum_up = sum(profiles[i].up for i in ids) + server_up
-    need_up_total = sum((len(ids) - 1) * piece_bytes[i] for i in ids) / sum_up
-    need_owner = max(piece_bytes[i] / profiles[i].up for i in ids)
-    return max(need_down, need_up_total, need_owner)
+    return lower_bound_staggered(piece_bytes, profiles, {}, server_up)
 
 
 def lower_bound_staggered(piece_bytes: Mapping[int, int], profiles: Mapping[int, LinkProfile],
