@@ -95,7 +95,13 @@ class PersistentChannels:
         100 ms: the last ``bt_start`` arrived 0.80 s after the send began
         with 8 threads, 0.16 s with this; ``scripts/bench_fanout.py``).
         gRPC's futures put every call on the wire from this thread, and the
-        channels carry them concurrently."""
+        channels carry them concurrently.  (gRPC serves a channel's futures
+        from a thread it starts again whenever the channel was idle, i.e.
+        once per channel and round; under the round start's load those
+        starts held this thread 0.1-30 ms each.  Keeping them alive takes
+        gRPC's private API, and putting all eight RPCs in flight within 3 ms
+        that way did not change when the clients begin: docs/benchmarks.md,
+        twelfth session.)"""
         pending = [(address, self._call(address).future(payload)) for address in addresses]
         delivered = 0
         for address, future in pending:
