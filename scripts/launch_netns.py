@@ -14,8 +14,10 @@ a small machine the round times move with both), and the CPU time the
 mean client and the server used in it (each participant's
 ``/proc/<pid>/stat``: a CPU saving shows there directly).  Per tree, a
 summary of the rounds from the second on: median and range of eta, how
-many reach 0.9, the median load and the median CPU per client and
-exchange.
+many reach 0.9, the median load, the median CPU per client and exchange
+and the median start spread; with several trees, each tree's median eta
+against the first's with a bootstrap interval (``compare_etas``), so a
+difference the machine alone makes is named as such.
 
     sudo python scripts/launch_netns.py --cfg configs/cnn_distributed.yaml --clients 8 \\
         --up 100 --down 150 [--slow-half 20] [--out exp/netns] [KEY VALUE ...]
@@ -39,6 +41,7 @@ import argparse
 import logging
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -236,11 +239,13 @@ def round_cpu(row: dict, samples: list) -> Optional[tuple]:
 STEAL_WARN = 0.10
 
 
-def tree_summary(etas: list, loads: list, client_cpu: Sequence[float] = ()) -> str:
+def tree_summary(etas: list, loads: list, client_cpu: Sequence[float] = (),
+                 spreads: Sequence[float] = ()) -> str:
     """One line for a tree's rounds from the second on: median, range and
     how many of the etas reach 0.9; the median CPU load and steal, and how
     many rounds had more than ``STEAL_WARN`` steal; the median CPU seconds
-    a client used per exchange (``client_cpu``)."""
+    a client used per exchange (``client_cpu``); the median start spread
+    (``spreads``, seconds)."""
     if not etas:
         return "no rounds after the first"
     line = (f"{len(etas)} rounds: median eta {statistics.median(etas):.3f} "
@@ -255,7 +260,39 @@ def tree_summary(etas: list, loads: list, client_cpu: Sequence[float] = ()) -> s
     if client_cpu:
         line += (f"; CPU per client and exchange median "
                  f"{1000 * statistics.median(client_cpu):.0f} ms")
+    if spreads:
+        line += f"; start spread median {1000 * statistics.median(spreads):.0f} ms"
     return line
+
+
+#: Bootstrap resamples behind :func:`compare_etas` (seeded: the same rounds
+#: give the same interval).
+RESAMPLES = 2000
+
+
+def compare_etas(base: Sequence[float], other: Sequence[float],
+                 resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float, float]:
+    """``other``'s median eta minus ``base``'s, and a 95 % bootstrap interval
+    of that difference (rounds resampled with replacement in each tree).
+
+    Why: on the shared 2-vCPU machine an invocation's median moves by about
+    0.01 with the machine alone (docs/benchmarks.md, twelfth session), and
+    sessions have spent hours on differences of that size.  This says
+    whether a difference is larger than its rounds' spread.  Rounds of one
+    run share the machine's state, so the interval is, if anything, too
+    narrow: one that includes 0 is noise, one that excludes it still wants
+    a second invocation.  Raises ``ValueError`` naming the empty side."""
+    for name, etas in (("base", base), ("other", other)):
+        if not etas:
+            raise ValueError(f"compare_etas: {name} has no rounds")
+    rng = random.Random(seed)
+    diffs = sorted(
+        statistics.median(rng.choices(other, k=len(other)))
+        - statistics.median(rng.choices(base, k=len(base)))
+        for _ in range(resamples))
+    lo = diffs[int(0.025 * (resamples - 1))]
+    hi = diffs[int(0.975 * (resamples - 1))]
+    return statistics.median(other) - statistics.median(base), lo, hi
 
 
 def report(a: argparse.Namespace, n: int, up: dict, slow: dict, results: list,
@@ -276,7 +313,7 @@ def report(a: argparse.Namespace, n: int, up: dict, slow: dict, results: list,
     print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     later: dict = {}
     for name, rep_i, result in results:
-        etas, loads, client_cpu = later.setdefault(name, ([], [], []))
+        etas, loads, client_cpu, spreads = later.setdefault(name, ([], [], [], []))
         for r in result.rounds:
             shares = {c: r["model_bytes"] / n for c in range(1, n + 1)}   # one model each
             t_lb = lower_bound(shares, links)
@@ -298,9 +335,19 @@ def report(a: argparse.Namespace, n: int, up: dict, slow: dict, results: list,
                     loads.append(load)
                 if used:
                     client_cpu.append(used[0])
+                if r.get("start_spread") is not None:
+                    spreads.append(r["start_spread"])
     print()
-    for name, (etas, loads, client_cpu) in later.items():
-        print(f"{name}: {tree_summary(etas, loads, client_cpu)}")
+    for name, (etas, loads, client_cpu, spreads) in later.items():
+        print(f"{name}: {tree_summary(etas, loads, client_cpu, spreads)}")
+    names = list(later)
+    first = later[names[0]][0] if names else []
+    for name in names[1:]:
+        etas = later[name][0]
+        if first and etas:
+            diff, lo, hi = compare_etas(first, etas)
+            print(f"{name} vs {names[0]}: median eta {diff:+.3f} (95 % bootstrap interval over "
+                  f"rounds {lo:+.3f} to {hi:+.3f}{'; includes 0: noise' if lo <= 0 <= hi else ''})")
 
 
 if __name__ == "__main__":

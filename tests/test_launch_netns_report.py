@@ -88,3 +88,32 @@ def test_the_tree_summary_gives_the_median_cpu_per_client_and_exchange():
     line = launch_netns.tree_summary([0.85, 0.9, 0.95], [(0.6, 0.01), (0.8, 0.03)],
                                      [0.21, 0.25, 0.23])
     assert line.endswith("; CPU per client and exchange median 230 ms")
+
+
+def test_the_tree_summary_gives_the_median_start_spread():
+    line = launch_netns.tree_summary([0.9, 0.91], [], (), [0.020, 0.040, 0.100])
+    assert line.endswith("; start spread median 40 ms"), line
+    assert "start spread" not in launch_netns.tree_summary([0.9], [])
+
+
+def test_a_shift_larger_than_the_rounds_spread_excludes_zero_and_equal_trees_do_not():
+    import random
+    rng = random.Random(1)
+    base = [0.89 + rng.uniform(-0.01, 0.01) for _ in range(15)]
+    same = [0.89 + rng.uniform(-0.01, 0.01) for _ in range(15)]
+    better = [e + 0.03 for e in base]
+    diff, lo, hi = launch_netns.compare_etas(base, better)
+    assert diff == pytest.approx(0.03) and 0 < lo <= diff <= hi
+    diff, lo, hi = launch_netns.compare_etas(base, same)
+    assert lo <= 0 <= hi and lo <= diff <= hi
+    # seeded: the same rounds give the same interval
+    assert launch_netns.compare_etas(base, same) == (diff, lo, hi)
+
+
+def test_comparing_with_no_rounds_names_the_empty_side_and_changes_nothing():
+    base = [0.9, 0.91]
+    with pytest.raises(ValueError, match="other has no rounds"):
+        launch_netns.compare_etas(base, [])
+    with pytest.raises(ValueError, match="base has no rounds"):
+        launch_netns.compare_etas([], base)
+    assert base == [0.9, 0.91]
