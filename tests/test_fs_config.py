@@ -40,7 +40,8 @@ DEFAULTS = {
     "manifest_timeout": 600.0,
     "min_completion_ratio": 0.5, "insufficient_policy": "proceed", "missing_policy": "global",
     "max_upload_slots": 0, "credit_bytes": 4194304, "max_requests_per_peer": 64,
-    "min_requests_per_peer": 4, "request_queue_time": 0.05, "request_timeout": 10.0,
+    "min_requests_per_peer": 4, "request_queue_time": 0.05, "lead_pieces": 2, "lead_requests": 2,
+    "request_timeout": 10.0,
     "max_retries": 5, "end_game_threshold": 0, "end_game_delay": 0.5,
     "keepalive_interval": 120.0, "peer_timeout": 300.0, "max_corrupt_pieces": 3,
     "first_copy_wait": 2.0,
@@ -585,3 +586,26 @@ def test_server_aggregation_features_run_at_every_client(opts):
     cfg.federate.client_num = 4
     cfg.merge_from_list(opts + ["bittorrent.enable", "True"])
     assert cfg.bittorrent.enable is True
+
+
+@pytest.mark.parametrize("key, value", [("lead_pieces", -1), ("lead_requests", 0)])
+def test_bad_lead_keys_are_named_and_the_config_kept(tmp_path, key, value):
+    cfg = make_cfg(tmp_path, opts=["bittorrent.enable", True])
+    before = leaves(cfg.bittorrent)
+    with pytest.raises(ConfigError) as ei:
+        cfg.merge_from_list([f"bittorrent.{key}", value])
+    assert ei.value.field == f"bittorrent.{key}" and ei.value.value == value
+    # FS's merge_from_list sets, then checks: the bad key is refused and
+    # every other key is as it was
+    after = leaves(cfg.bittorrent)
+    assert {k: v for k, v in after.items() if k != key} == \
+        {k: v for k, v in before.items() if k != key}
+    with pytest.raises(ConfigError):   # and the run cannot start with it
+        cfg.freeze(save=False)
+
+
+def test_lead_keys_reach_the_swarm_config(tmp_path):
+    cfg = make_cfg(tmp_path, opts=["bittorrent.lead_pieces", 5, "bittorrent.lead_requests", 3])
+    sc = BitTorrentSettings.from_cfg(cfg).swarm_config()
+    assert (sc.lead_pieces, sc.lead_requests) == (5, 3)
+    assert SwarmConfig().lead_pieces == 0   # the core's default: off (the simulator's)

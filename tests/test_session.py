@@ -1732,3 +1732,71 @@ def test_replayed_handshake_of_an_old_round_then_its_messages_are_refused():
         with pytest.raises(HandshakeRequired):
             d.handle(0, msg, 1.0)
     assert snapshot(d) == before and not d.storage.keys()
+
+
+# ---------------------------------------------------------------------------
+# leaders yield (SwarmConfig.lead_pieces / lead_requests)
+# ---------------------------------------------------------------------------
+
+def _lead_swarm(config: SwarmConfig):
+    """Three peers; peer 0 already holds owner 2's pieces (18 pieces against
+    its peers' 8 and 16: six ahead of their mean), peer 2 is behind it."""
+    owned = {0: make(0, 2, 64, seed=1), 1: make(1, 8, 64, seed=2), 2: make(2, 16, 64, seed=3)}
+    layout = SwarmLayout(tuple(o[0] for o in owned.values()))
+    stores = {0: storage(owned[0], owned[2]), 1: storage(owned[1]), 2: storage(owned[2])}
+    s = {pid: SwarmSession(pid, layout, stores[pid], config) for pid in owned}
+    return owned, s
+
+
+@pytest.mark.parametrize("lead_pieces, long_path, yields", [
+    (1, False, True),    # ahead by more than 1: at most one request at each source
+    (0, False, False),   # off: the usual floor of 4
+    (1, True, False),    # one request cannot cover the path's round trip: no yielding
+])
+def test_a_peer_ahead_of_its_peers_keeps_a_short_queue_at_each_source(
+        lead_pieces, long_path, yields):
+    # first_copy_wait 0: equal links, no first-copy plan (where the rule acts)
+    config = cfg(min_requests_per_peer=4, max_requests_per_peer=4, lead_pieces=lead_pieces,
+                 lead_requests=1, first_copy_wait=0)
+    owned, s = _lead_swarm(config)
+    net = Pump(s)
+    last = {0: 0, 2: 0}
+    grew: dict[int, list] = {0: [], 2: []}   # (pieces ahead, requests at source 1) as they grew
+
+    def watch(n: Pump) -> None:
+        for pid in last:
+            p = n.s[pid].peers.get(1)
+            if p is None:
+                continue
+            if long_path and pid == 0:
+                # a far source whose rate we know: one request in flight
+                # would cover 16 of the 10 kB its round trip holds
+                p.path_rtt, p.rate_in = 10.0, 1000.0
+            cur = len(p.inflight)
+            if cur > last[pid]:
+                grew[pid].append((n.s[pid]._ahead_of_peers(), cur))
+            last[pid] = cur
+
+    net.after = watch
+    net.connect(0, 1)
+    net.connect(2, 1)
+    net.connect(0, 2)
+    net.run()   # no time passes: no rates, only the path decides
+    leading = [cur for ahead, cur in grew[0] if ahead > 1]
+    assert leading, "peer 0 never asked source 1 while ahead"
+    if yields:
+        assert max(leading) == 1
+    else:
+        assert max(leading) == 4
+    assert max(cur for _, cur in grew[2]) == 4   # the peer behind asks as usual
+    for sess in s.values():        # nobody is starved: everyone completes, verified
+        assert sess.complete
+        assert_storage_verified(sess)
+
+
+@pytest.mark.parametrize("field, value", [("lead_pieces", -1), ("lead_requests", 0)])
+def test_bad_lead_settings_are_refused_by_name(field, value):
+    from fs_bittorrent.errors import ConfigError
+    with pytest.raises(ConfigError) as ei:
+        SwarmConfig(**{field: value})
+    assert ei.value.field == field and ei.value.value == value

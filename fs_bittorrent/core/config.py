@@ -34,6 +34,8 @@ class SwarmConfig:
     interest_retry: float = 5.0         # re-assert interest when choked this long
     max_corrupt_pieces: int = 3         # a peer that served this many bad pieces is banned
     first_copy_wait: float = 2.0        # drop the first-copy plan after idling this long (0: no plan)
+    lead_pieces: int = 0                # a peer more pieces than this ahead of its peers' mean ... (0: off)
+    lead_requests: int = 2              # ... keeps at most this many requests at each source
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -44,12 +46,13 @@ class SwarmConfig:
         positive = ("piece_size", "block_size", "max_block_size", "credit_bytes",
                     "max_requests_per_peer", "min_requests_per_peer",
                     "request_queue_time", "request_timeout", "keepalive_interval",
-                    "peer_timeout", "handshake_retry", "interest_retry", "max_corrupt_pieces")
+                    "peer_timeout", "handshake_retry", "interest_retry", "max_corrupt_pieces",
+                    "lead_requests")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(name, getattr(self, name), "must be > 0")
         for name in ("max_upload_slots", "max_retries", "end_game_threshold", "end_game_delay",
-                     "unchoke_interval", "first_copy_wait"):
+                     "unchoke_interval", "first_copy_wait", "lead_pieces"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, getattr(self, name), "must be >= 0")
         if self.block_size > self.max_block_size:

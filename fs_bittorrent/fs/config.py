@@ -89,6 +89,11 @@ HELP = {
     "max_requests_per_peer": "request pipeline cap per peer",
     "min_requests_per_peer": "request pipeline floor per peer (before a rate is measured)",
     "request_queue_time": "queueing delay the request window may build (seconds); window = rate x (path RTT + this)",
+    "lead_pieces": "leaders yield, distributed runs without the first-copy plan: a peer "
+                   "holding more than this many pieces above its peers' mean keeps at most "
+                   "lead_requests requests at a source where they cover the path's round "
+                   "trip (0: off; standalone runs: off)",
+    "lead_requests": "requests a peer that is lead_pieces ahead keeps at each source",
     "request_timeout": "seconds before an unanswered block is re-requested elsewhere",
     "max_retries": "request-timeout rounds in a row a peer may have; the next one drops it "
                    "as dead (it is dropped at max_retries + 1)",
@@ -184,6 +189,8 @@ def extend_bittorrent_cfg(cfg: CfgNode) -> None:
     bt.max_requests_per_peer = 64         # request pipeline cap per peer
     bt.min_requests_per_peer = 4          # request pipeline floor per peer
     bt.request_queue_time = 0.05          # window = rate x (path RTT + this)
+    bt.lead_pieces = 2                    # ahead of the peers' mean by more: ask for less (0: off)
+    bt.lead_requests = 2                  # requests per source while ahead
     bt.request_timeout = 10.0             # s before a block is re-requested elsewhere
     bt.max_retries = 5                    # timeouts in a row before a peer is dropped
     bt.end_game_threshold = 0             # also enter end game at <= this many unrequested blocks
@@ -273,7 +280,8 @@ _NETWORK_KEYS = tuple(f"{q}{sfx}" for q in _QUANTITIES for sfx in ("", "_per_cli
 _INT_KEYS = ("piece_size", "block_size", "max_upload_slots", "credit_bytes",
              "max_requests_per_peer", "min_requests_per_peer", "max_retries",
              "end_game_threshold", "max_corrupt_pieces", "keep_rounds", "seed", "degree",
-             "dataplane_port", "max_pending_connections", "max_pending_per_address")
+             "dataplane_port", "max_pending_connections", "max_pending_per_address",
+             "lead_pieces", "lead_requests")
 _FLOAT_KEYS = ("timeout", "manifest_timeout", "min_completion_ratio", "request_queue_time", "request_timeout",
                "end_game_delay", "keepalive_interval", "peer_timeout", "tick_interval",
                "handshake_timeout", "first_copy_wait")
@@ -283,15 +291,17 @@ _POSITIVE = ("piece_size", "block_size", "credit_bytes", "max_requests_per_peer"
              "min_requests_per_peer", "max_corrupt_pieces", "timeout", "manifest_timeout",
              "request_queue_time",
              "request_timeout", "keepalive_interval", "peer_timeout", "tick_interval",
-             "handshake_timeout", "max_pending_connections", "max_pending_per_address")
+             "handshake_timeout", "max_pending_connections", "max_pending_per_address",
+             "lead_requests")
 _NON_NEGATIVE = ("max_upload_slots", "max_retries", "end_game_threshold", "end_game_delay",
-                 "first_copy_wait")
+                 "first_copy_wait", "lead_pieces")
 
 # SwarmConfig field -> our key (same names)
 _SWARM_KEYS = ("piece_size", "block_size", "credit_bytes", "max_requests_per_peer",
                "min_requests_per_peer", "request_queue_time", "max_upload_slots",
                "request_timeout", "max_retries", "end_game_threshold", "end_game_delay",
-               "keepalive_interval", "peer_timeout", "max_corrupt_pieces", "first_copy_wait")
+               "keepalive_interval", "peer_timeout", "max_corrupt_pieces", "first_copy_wait",
+               "lead_pieces", "lead_requests")
 
 
 def _plain(v: Any) -> Any:
@@ -507,6 +517,8 @@ class BitTorrentSettings:
     max_requests_per_peer: int = 64
     min_requests_per_peer: int = 4
     request_queue_time: float = 0.05
+    lead_pieces: int = 2
+    lead_requests: int = 2
     request_timeout: float = 10.0
     max_retries: int = 5
     end_game_threshold: int = 0

@@ -436,6 +436,11 @@ class ClientManager(BitTorrentManager):
         distributed runs with ``adaptive_block_size``, blocks sized from the
         last round's download rate."""
         config = self.settings.swarm_config()
+        if not self.distributed and config.lead_pieces:
+            # Leaders yield (bittorrent.lead_pieces) corrects TCP's first-come
+            # sharing of an uplink; the standalone runner's simulated links
+            # share fairly, and there it only costs (docs/benchmarks.md).
+            config = dataclasses.replace(config, lead_pieces=0)
         if uplinks:
             config = plan_where_uplinks_differ(config, list(uplinks.values()))
         if self.distributed and self.settings.adaptive_block_size and self.rate_in > 0:
