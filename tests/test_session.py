@@ -23,9 +23,9 @@ from fs_bittorrent.core.messages import (Bitfield, Cancel, Choke, Credit, Handsh
                                          Unchoke)
 from fs_bittorrent.core.session import Close, SwarmSession
 from fs_bittorrent.core.storage import MemoryPieceStorage
-from fs_bittorrent.errors import (BadBlockRange, BadLength, BlockTooLarge, CreditExceeded,
-                                  HandshakeRefused, HandshakeRequired, PieceIndexOutOfRange,
-                                  ProtocolError, SpareBitsSet)
+from fs_bittorrent.errors import (BadBlockRange, BadLength, BlockTooLarge, ConfigError,
+                                  CreditExceeded, HandshakeRefused, HandshakeRequired,
+                                  PieceIndexOutOfRange, ProtocolError, SpareBitsSet)
 
 from swarm_helpers import random_owner
 
@@ -1796,7 +1796,6 @@ def test_a_peer_ahead_of_its_peers_keeps_a_short_queue_at_each_source(
 
 @pytest.mark.parametrize("field, value", [("lead_pieces", -1), ("lead_requests", 0)])
 def test_bad_lead_settings_are_refused_by_name(field, value):
-    from fs_bittorrent.errors import ConfigError
     with pytest.raises(ConfigError) as ei:
         SwarmConfig(**{field: value})
     assert ei.value.field == field and ei.value.value == value

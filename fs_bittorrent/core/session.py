@@ -229,7 +229,10 @@ class SwarmSession:
 
     @property
     def pieces_have(self) -> int:
-        return sum(self.picker.have)
+        # A piece is missing (unstarted or partial in the picker) until it
+        # verifies, so this equals ``sum(self.have)`` without the scan:
+        # leaders yield (``_ahead_of_peers``) asks on every request top-up.
+        return self._num_pieces - self.picker.pieces_missing
 
     @property
     def complete(self) -> bool:
@@ -1061,8 +1064,9 @@ class SwarmSession:
         # kept for what only it can give.
         picker = self.picker
         if not self._upload_aware:
-            if self._lead_pieces and self._ahead_of_peers() > self._lead_pieces \
-                    and self._lead_requests * self._block_size >= p.rate_in * p.path_rtt:
+            if self._lead_pieces \
+                    and self._lead_requests * self._block_size >= p.rate_in * p.path_rtt \
+                    and self._ahead_of_peers() > self._lead_pieces:
                 # Leaders yield (docs/design.md): we are ahead, so we keep only
                 # a short queue at each source and leave its uplink to the
                 # peers furthest behind -- where that queue still covers the
@@ -1129,8 +1133,7 @@ class SwarmSession:
         peers = self.peers
         if not peers:
             return 0.0
-        held = self._num_pieces - self.picker.pieces_missing
-        return held - sum(q.has_count for q in peers.values()) / len(peers)
+        return self.pieces_have - sum(q.has_count for q in peers.values()) / len(peers)
 
     def _send_picks(self, p: PeerState, picks: Picks, now: float) -> list[Outgoing]:
         """Reserve credit for ``picks`` and send their requests to ``p``."""
